@@ -1,0 +1,47 @@
+"""Which keys a query may see. One rule, used by every attention implementation, cache and count.
+
+Positions, not tensor indices, decide visibility: a key at position j is visible to a query at
+position i when it is a real token (not padding), j <= i (causal) and i - j < window (sliding window,
+the convention of `transformers`' Mistral: the query sees itself and the window - 1 keys before it).
+Working on positions lets one rule serve left-padded batches, caches that store keys out of order
+(rolling, paged) and queries offset from the keys (cached decoding, speculative verification).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sees(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool = True, window: int | None = None) -> torch.Tensor:
+    """Boolean visibility for broadcastable query and key positions."""
+    allowed = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
+    if causal:
+        allowed &= k_pos <= q_pos
+    if window is not None:
+        allowed &= q_pos - k_pos < window
+    return allowed
+
+
+def visible_keys(sequence_length: int, window: int | None) -> int:
+    """How many keys the last query of a sequence sees: the KV-cache length a window needs."""
+    return sequence_length if window is None else min(sequence_length, window)
+
+
+def attention_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor | None,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Dense mask (B, 1, T, S): True where query t of sequence b may attend to key s."""
+    allowed = sees(q_pos[:, :, None], k_pos[:, None, :], causal=causal, window=window)  # (B, T, S)
+    if k_valid is not None:
+        allowed &= k_valid[:, None, :]
+    return allowed[:, None]
+
+
+def positions_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) for a left-padded batch: each sequence counts from 0 at its first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
