@@ -100,10 +100,23 @@ class ModelConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "d_ff",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                _bad(name, f"{name} must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
+                _bad(
+                    name,
+                    f"{name} must be a positive integer, got {value!r}",
+                    f"set {name} to an integer >= 1",
+                )
         if self.n_heads % self.n_kv_heads:
             _bad(
                 "n_kv_heads",
@@ -111,7 +124,11 @@ class ModelConfig:
                 "use a divisor of n_heads (n_heads for MHA, 1 for MQA)",
             )
         if self.head_dim % 2 and self.position == "rope":
-            _bad("head_dim", f"RoPE rotates pairs of dimensions; head_dim={self.head_dim} is odd", "use an even head_dim")
+            _bad(
+                "head_dim",
+                f"RoPE rotates pairs of dimensions; head_dim={self.head_dim} is odd",
+                "use an even head_dim",
+            )
         for name, allowed in (
             ("norm", NORMS),
             ("norm_placement", NORM_PLACEMENTS),
@@ -129,9 +146,17 @@ class ModelConfig:
             _bad("rope_theta", f"rope_theta must be > 0, got {self.rope_theta}", "use e.g. 10000")
         if self.rope_scaling != "none":
             if self.position != "rope":
-                _bad("rope_scaling", f"rope_scaling={self.rope_scaling!r} needs position='rope'", "set rope_scaling='none'")
+                _bad(
+                    "rope_scaling",
+                    f"rope_scaling={self.rope_scaling!r} needs position='rope'",
+                    "set rope_scaling='none'",
+                )
             if self.rope_factor < 1:
-                _bad("rope_factor", f"rope_factor must be >= 1, got {self.rope_factor}", "use the context extension ratio")
+                _bad(
+                    "rope_factor",
+                    f"rope_factor must be >= 1, got {self.rope_factor}",
+                    "use the context extension ratio",
+                )
             if self.rope_scaling in ("dynamic", "yarn", "llama3") and not self.rope_original_max_seq_len:
                 _bad(
                     "rope_original_max_seq_len",
@@ -139,7 +164,11 @@ class ModelConfig:
                     "set rope_original_max_seq_len",
                 )
         if self.sliding_window is not None and self.sliding_window <= 0:
-            _bad("sliding_window", f"sliding_window must be positive or None, got {self.sliding_window}", "use None for full attention")
+            _bad(
+                "sliding_window",
+                f"sliding_window must be positive or None, got {self.sliding_window}",
+                "use None for full attention",
+            )
         if self.n_experts < 0:
             _bad("n_experts", f"n_experts must be >= 0, got {self.n_experts}", "use 0 for a dense MLP")
         if self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts:
@@ -155,7 +184,11 @@ class ModelConfig:
         for name in ("bos_id", "eos_id", "pad_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
-                _bad(name, f"{name}={value} is outside the vocabulary [0, {self.vocab_size})", f"set {name} to a valid id or None")
+                _bad(
+                    name,
+                    f"{name}={value} is outside the vocabulary [0, {self.vocab_size})",
+                    f"set {name} to a valid id or None",
+                )
 
     # ---- derived quantities -------------------------------------------------------------------
     @property

@@ -39,7 +39,12 @@ class KVCache(Protocol):
     seen_tokens: int
 
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
 
@@ -72,7 +77,16 @@ def attend(
     scale = q.shape[-1] ** -0.5
     if impl == "flash":
         out = flash_attention(
-            q, k, v, q_pos, k_pos, k_valid, causal=causal, window=window, alibi_slopes=alibi_slopes, scale=scale
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            k_valid,
+            causal=causal,
+            window=window,
+            alibi_slopes=alibi_slopes,
+            scale=scale,
         )
         return out, None
     if impl == "sdpa" and plain_causal and causal and window is None and alibi_slopes is None:

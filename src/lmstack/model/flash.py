@@ -1,7 +1,7 @@
 """Flash attention in plain PyTorch: tiled, online softmax, O(s·d) memory for backward.
 
 The seeds' Flash Attention section: never materialise the (s × s) score matrix. The forward pass walks
-key tiles for each query tile keeping a running max `m`, a running normaliser `l` and an unnormalised
+key tiles for each query tile keeping a running max `m`, a running normaliser `l` (`denom`) and an unnormalised
 output; rescaling by exp(m_old - m_new) when the max grows makes the result exact (Milakov & Gimelshein
 2018, "online softmax"). Only the output and the per-row log-sum-exp are saved; the backward pass
 recomputes each tile's probabilities from them (Dao et al. 2022, Algorithm 2). This is the algorithm,
@@ -17,14 +17,19 @@ from lmstack.model.masks import sees
 
 def _tile_scores(q, k, q_pos, k_pos, k_valid, causal, window, slopes, scale):
     """Masked, biased scores (B, KV, G, bq, bk) for one tile, in float32."""
-    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    s = torch.matmul(q, k.transpose(-1, -2)).to(_acc_dtype(q)) * scale
     qp, kp = q_pos[:, None, None, :, None], k_pos[:, None, None, None, :]
     if slopes is not None:  # ALiBi: penalise distance linearly, a slope per head
-        s = s - slopes[None, :, :, None, None] * (qp - kp).float()
+        s = s - slopes[None, :, :, None, None].to(s.dtype) * (qp - kp).to(s.dtype)
     allowed = sees(qp, kp, causal=causal, window=window)
     if k_valid is not None:
         allowed = allowed & k_valid[:, None, None, None, :]
     return s.masked_fill(~allowed, float("-inf"))
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Softmax statistics accumulate in at least float32 (bf16/fp16 inputs), float64 stays float64."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _tile_needed(q_pos, k_pos, causal, window) -> bool:
@@ -41,14 +46,15 @@ class FlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, q_pos, k_pos, k_valid, causal, window, slopes, scale, block):
         # q: (B, KV, G, T, D); k, v: (B, KV, 1, S, D) — GQA shares K/V across the G query heads by broadcast.
         T, S = q.shape[-2], k.shape[-2]
-        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        acc_dtype = _acc_dtype(q)
+        out = torch.empty(q.shape, dtype=acc_dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=acc_dtype, device=q.device)
         for qs in range(0, T, block):
             qe = min(qs + block, T)
             q_t, qp = q[..., qs:qe, :], q_pos[:, qs:qe]
-            m = torch.full(q_t.shape[:-1], float("-inf"), device=q.device)
-            l = torch.zeros(q_t.shape[:-1], device=q.device)
-            acc = torch.zeros(q_t.shape[:-1] + (v.shape[-1],), device=q.device)
+            m = torch.full(q_t.shape[:-1], float("-inf"), dtype=acc_dtype, device=q.device)
+            denom = torch.zeros(q_t.shape[:-1], dtype=acc_dtype, device=q.device)
+            acc = torch.zeros(q_t.shape[:-1] + (v.shape[-1],), dtype=acc_dtype, device=q.device)
             for ks in range(0, S, block):
                 ke = min(ks + block, S)
                 kp = k_pos[:, ks:ke]
@@ -57,15 +63,17 @@ class FlashAttention(torch.autograd.Function):
                 kv_valid = None if k_valid is None else k_valid[:, ks:ke]
                 s = _tile_scores(q_t, k[..., ks:ke, :], qp, kp, kv_valid, causal, window, slopes, scale)
                 m_new = torch.maximum(m, s.amax(-1))
-                m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
+                m_safe = torch.where(
+                    torch.isinf(m_new), torch.zeros_like(m_new), m_new
+                )  # rows with no key yet
                 p = torch.exp(s - m_safe[..., None])
                 alpha = torch.exp(m - m_safe)
-                l = l * alpha + p.sum(-1)
-                acc = acc * alpha[..., None] + torch.matmul(p.to(v.dtype), v[..., ks:ke, :]).float()
+                denom = denom * alpha + p.sum(-1)
+                acc = acc * alpha[..., None] + torch.matmul(p.to(v.dtype), v[..., ks:ke, :]).to(acc_dtype)
                 m = m_new
-            seen = l > 0  # a query that sees no key (a padding slot) outputs zeros
-            out[..., qs:qe, :] = torch.where(seen[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0)
-            lse[..., qs:qe] = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), float("inf"))
+            seen = denom > 0  # a query that sees no key (a padding slot) outputs zeros
+            out[..., qs:qe, :] = torch.where(seen[..., None], acc / denom.clamp_min(1e-30)[..., None], 0.0)
+            lse[..., qs:qe] = torch.where(seen, m + torch.log(denom.clamp_min(1e-30)), float("inf"))
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, k_valid)
         ctx.options = (causal, window, slopes, scale, block)
@@ -76,20 +84,21 @@ class FlashAttention(torch.autograd.Function):
         q, k, v, out, lse, q_pos, k_pos, k_valid = ctx.saved_tensors
         causal, window, slopes, scale, block = ctx.options
         T, S = q.shape[-2], k.shape[-2]
-        d_out = d_out.float()
-        delta = (d_out * out.float()).sum(-1)  # D_i = rowsum(dO ∘ O), the softmax Jacobian's correction term
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        acc_dtype = _acc_dtype(q)
+        d_out = d_out.to(acc_dtype)
+        delta = (d_out * out.to(acc_dtype)).sum(-1)  # D_i = rowsum(dO ∘ O), the softmax Jacobian's correction
+        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
         for qs in range(0, T, block):
             qe = min(qs + block, T)
-            q_t, qp, do_t = q[..., qs:qe, :].float(), q_pos[:, qs:qe], d_out[..., qs:qe, :]
+            q_t, qp, do_t = q[..., qs:qe, :].to(acc_dtype), q_pos[:, qs:qe], d_out[..., qs:qe, :]
             for ks in range(0, S, block):
                 ke = min(ks + block, S)
                 kp = k_pos[:, ks:ke]
                 if not _tile_needed(qp, kp, causal, window):
                     continue
-                k_t, v_t = k[..., ks:ke, :].float(), v[..., ks:ke, :].float()
+                k_t, v_t = k[..., ks:ke, :].to(acc_dtype), v[..., ks:ke, :].to(acc_dtype)
                 kv_valid = None if k_valid is None else k_valid[:, ks:ke]
                 s = _tile_scores(q_t, k_t, qp, kp, kv_valid, causal, window, slopes, scale)
                 p = torch.exp(s - lse[..., qs:qe, None])  # recomputed probabilities, (B, KV, G, bq, bk)

@@ -12,9 +12,13 @@ from __future__ import annotations
 import torch
 
 
-def sees(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool = True, window: int | None = None) -> torch.Tensor:
+def sees(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool = True, window: int | None = None
+) -> torch.Tensor:
     """Boolean visibility for broadcastable query and key positions."""
-    allowed = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
+    allowed = torch.ones(
+        torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device
+    )
     if causal:
         allowed &= k_pos <= q_pos
     if window is not None:

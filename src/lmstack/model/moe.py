@@ -19,7 +19,11 @@ from lmstack.model.mlp import MLP
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_experts, self.top_k, self.renormalize = config.n_experts, config.n_experts_per_token, config.router_renormalize
+        self.n_experts, self.top_k, self.renormalize = (
+            config.n_experts,
+            config.n_experts_per_token,
+            config.router_renormalize,
+        )
         self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_experts))
 
@@ -28,7 +32,7 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         logits = self.router(flat)  # (N, E)
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)

@@ -91,9 +91,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def sinusoidal_embedding(positions: torch.Tensor, d_model: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def sinusoidal_embedding(
+    positions: torch.Tensor, d_model: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The fixed sin/cos embedding of Vaswani et al. 2017: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos."""
-    inv = 1.0 / (10000.0 ** (torch.arange(0, d_model, 2, dtype=torch.float32, device=positions.device) / d_model))
+    inv = 1.0 / (
+        10000.0 ** (torch.arange(0, d_model, 2, dtype=torch.float32, device=positions.device) / d_model)
+    )
     angles = positions.float()[..., None] * inv  # (B, T, d/2)
     emb = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleave -> (B, T, d)
     return emb[..., :d_model].to(dtype)

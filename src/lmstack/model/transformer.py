@@ -37,10 +37,14 @@ class Block(nn.Module):
     def forward(self, x, positions, valid, rope, alibi, cache, plain_causal):
         router_logits = None
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.attn_norm(x), positions, valid, rope, alibi, cache, plain_causal))
+            x = x + self.drop(
+                self.attn(self.attn_norm(x), positions, valid, rope, alibi, cache, plain_causal)
+            )
             h = self.mlp(self.mlp_norm(x))
         else:
-            x = self.attn_norm(x + self.drop(self.attn(x, positions, valid, rope, alibi, cache, plain_causal)))
+            x = self.attn_norm(
+                x + self.drop(self.attn(x, positions, valid, rope, alibi, cache, plain_causal))
+            )
             h = self.mlp(x)
         if isinstance(h, tuple):
             h, router_logits = h
@@ -55,11 +59,15 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
+        self.pos_emb = (
+            nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
+        )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i, attn_impl) for i in range(config.n_layers))
         self.norm = Norm(config)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
         # RoPE frequencies and ALiBi slopes are recomputed per call (a few hundred floats) rather than
         # kept as buffers, so `model.to(bfloat16)` cannot round them.
         self.gradient_checkpointing = False
@@ -79,7 +87,9 @@ class Transformer(nn.Module):
     def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+            n -= self.tok_emb.weight.numel() + (
+                self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+            )
         return n
 
     # ---- forward ------------------------------------------------------------------------------
@@ -98,7 +108,9 @@ class Transformer(nn.Module):
         token. `cache` follows the `KVCache` protocol; the model only reads it and appends to it.
         After the call, `self.aux_loss` holds the MoE load-balancing loss (None for dense models).
         """
-        return self.head(self.features(input_ids, positions=positions, cache=cache, attention_mask=attention_mask))
+        return self.head(
+            self.features(input_ids, positions=positions, cache=cache, attention_mask=attention_mask)
+        )
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over final hidden states (B, T, d) -> logits (B, T, vocab)."""
@@ -155,7 +167,9 @@ class Transformer(nn.Module):
             if logits is not None:
                 router_logits.append(logits)
         self.aux_loss = (
-            load_balancing_loss(router_logits, c.n_experts, c.n_experts_per_token, valid) if router_logits else None
+            load_balancing_loss(router_logits, c.n_experts, c.n_experts_per_token, valid)
+            if router_logits
+            else None
         )
         return self.norm(x)
 
@@ -165,7 +179,9 @@ class Transformer(nn.Module):
         projections scaled by 1/√(2·n_layers) so the residual stream's variance does not grow with depth."""
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("attn.out", ".down")) else 1.0
+                scale = (
+                    1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("attn.out", ".down")) else 1.0
+                )
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
