@@ -1,0 +1,73 @@
+"""Atomic file writes (DESIGN.md: write `<name>.tmp`, fsync, rename).
+
+A crash at any instant leaves either the previous file or the new one, never a half-written file under
+the final name. `os.replace` is atomic on POSIX and Windows when source and target share a folder,
+which is why the temporary file always sits next to its target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself lives in the directory entry; fsync the folder so it survives a power cut.
+    # Windows cannot open folders, where this is a no-op.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """Open `path.tmp` for binary writing; on success fsync and rename it to `path`.
+
+    On an exception the temporary file is removed and the target is left untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path) as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written `tmp_dir` into place as `final_dir`, replacing any previous one.
+
+    Directories cannot be swapped in one atomic call, so the old one is first renamed aside; a crash
+    in between leaves `final_dir.old`, never a partial `final_dir`.
+    """
+    old = final_dir.with_name(final_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final_dir.exists():
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    _fsync_dir(final_dir.parent)
+    if old.exists():
+        shutil.rmtree(old)
