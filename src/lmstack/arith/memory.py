@@ -1,0 +1,200 @@
+"""Memory: weights per dtype, training state, ZeRO/FSDP sharding, activations, LoRA and QLoRA.
+
+All results are bytes (ints or floats); the report prints them in GB (1e9) and GiB (2**30), labelled.
+
+Weights. `fp32`/`bf16`/`fp16` store every parameter at 4/2/2 bytes. The quantised formats store
+only the blocks' linear weight matrices in low precision and keep embeddings, LM head, norms, biases
+and MoE routers in 16-bit. That split is our stated convention; real files differ at the margins
+(bitsandbytes also quantises MoE routers; llama.cpp also quantises the token embedding and keeps the
+output matrix at a higher-precision type). The formats:
+`int8`/`fp8` = 8 bits and `int4` = 4 bits per weight (scales not counted), `nf4` = 4 + 8/64 + 32/(64·256)
+bits (QLoRA's NormalFloat4 with double quantisation: an 8-bit scale per 64 weights and an fp32
+constant per 256 scales), `q4_0` = GGUF's 18 bytes per block of 32 (fp16 scale + 32 nibbles).
+
+Training state per parameter, mixed-precision AdamW (the seeds' and ZeRO's 16 B/param): bf16 weight 2
++ bf16 gradient 2 + fp32 master weight 4 + Adam m 4 + v 4. `training_bytes` is exactly this;
+activations are reported separately. Other optimizers change the last term: AdamW 8-bit 2 B, SGD with
+momentum 4 B, plain SGD 0 B.
+
+Sharding over N data-parallel GPUs (Rajbhandari et al. 2020, ZeRO): DDP replicates everything;
+ZeRO-1 shards optimizer state (master weights + moments); ZeRO-2 also gradients; ZeRO-3 (= FSDP
+FULL_SHARD) also the weights.
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models", §4): 16-bit activations, no tensor/sequence parallelism, the tensors autograd keeps per
+block. For a GPT block with dropout they total s·b·h·(34 + 5·a·s/h) bytes; we generalise the same
+accounting to GQA (k, v of kv_dim), gated MLPs (gate, up, act(gate), product: 4 tensors of d_ff),
+MoE (k expert copies) and no dropout (no masks, no dropout outputs). `selective` recomputation (and
+FlashAttention, which never stores the s² matrices) drops the s² terms; `full` checkpointing keeps
+only each block's input (2·s·b·d) plus one block rebuilt during its backward. The head adds its input
+and fp32 logits for the loss (4·s·b·V, §4.3). It is an estimate: lmstack's eager model saves
+1.2–1.5× this per block (fp32 norm internals, RoPE tables, pre-softmax scores; see the tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+from lmstack.arith.params import ParamCounts, count_params
+from lmstack.config import ModelConfig
+from lmstack.errors import InputError
+
+BITS = {
+    "fp32": 32.0,
+    "bf16": 16.0,
+    "fp16": 16.0,
+    "fp8": 8.0,
+    "int8": 8.0,
+    "int4": 4.0,
+    "nf4": 4 + 8 / 64 + 32 / (64 * 256),
+    "q4_0": 18 * 8 / 32,
+}
+FULL_PRECISION = ("fp32", "bf16", "fp16")
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd_momentum": 4, "sgd": 0}
+SHARDING = ("ddp", "zero1", "zero2", "zero3")
+CHECKPOINTING = ("none", "selective", "full")
+
+
+def bytes_per_element(dtype: str) -> float:
+    if dtype not in BITS:
+        raise InputError(f"unknown dtype {dtype!r} — use one of {', '.join(BITS)}")
+    return BITS[dtype] / 8
+
+
+def weights_bytes(config: ModelConfig | ParamCounts, dtype: str = "bf16") -> int:
+    """Bytes to store the weights; quantised formats leave non-linear parts in 16-bit (module doc)."""
+    p = config if isinstance(config, ParamCounts) else count_params(config)
+    per = bytes_per_element(dtype)
+    if dtype in FULL_PRECISION:
+        return math.ceil(p.total * per)
+    return math.ceil(p.quantisable * per) + 2 * (p.total - p.quantisable)
+
+
+def training_bytes_per_param(optimizer: str = "adamw", mixed_precision: bool = True) -> int:
+    """Weights + gradients + optimizer state per parameter: 16 for mixed-precision AdamW (module doc)."""
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise InputError(f"unknown optimizer {optimizer!r} — use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
+    state = OPTIMIZER_STATE_BYTES[optimizer]
+    return (2 + 2 + 4 + state) if mixed_precision else (4 + 4 + state)
+
+
+def sharded_training_bytes(
+    n_params: int, n_gpus: int, stage: str, optimizer: str = "adamw", mixed_precision: bool = True
+) -> float:
+    """Per-GPU weights + gradients + optimizer state under DDP or ZeRO-1/2/3 (FSDP = ZeRO-3)."""
+    if stage not in SHARDING:
+        raise InputError(f"unknown sharding {stage!r} — use one of {', '.join(SHARDING)}")
+    weight = grad = 2 if mixed_precision else 4
+    state = training_bytes_per_param(optimizer, mixed_precision) - weight - grad  # master + moments
+    n = n_gpus
+    per_param = {
+        "ddp": weight + grad + state,
+        "zero1": weight + grad + state / n,
+        "zero2": weight + (grad + state) / n,
+        "zero3": (weight + grad + state) / n,
+    }[stage]
+    return n_params * per_param
+
+
+# ---- activations ----------------------------------------------------------------------------------
+def layer_activation_bytes(config: ModelConfig, batch: int, context: int) -> tuple[int, int]:
+    """(bytes without s² terms, bytes of the s² attention terms) stored by one block for backward."""
+    c, sb = config, context * batch
+    dropout = c.dropout > 0
+    d, q, kv, ff = c.d_model, c.q_dim, c.kv_dim, c.d_ff
+    norms = 2 * 2 * sb * d  # each norm's input
+    attention = 2 * sb * d + 2 * sb * (q + kv) + 2 * sb * kv + 2 * sb * q + (sb * d if dropout else 0)
+    # input to qkv, Q and K for QKᵀ, V, input to o, output dropout mask
+    mlp_tensors = 4 if c.gated_mlp else 2  # gate, up, act(gate), gate·up  |  pre-activation, activation
+    expert = 2 * sb * d + mlp_tensors * 2 * sb * ff
+    if c.is_moe:
+        mlp = (
+            2 * sb * d + c.n_experts_per_token * expert + 4 * sb * c.n_experts
+        )  # router in, k experts, fp32 logits
+    else:
+        mlp = expert
+    mlp += sb * d if dropout else 0
+    square = (
+        batch * c.n_heads * context * context * (5 if dropout else 2)
+    )  # softmax out (+ mask + dropout out)
+    return norms + attention + mlp, square
+
+
+def activation_bytes(config: ModelConfig, batch: int, context: int, checkpointing: str = "none") -> int:
+    """Activation memory of a training step (module doc): `none`, `selective` or `full` recomputation."""
+    if checkpointing not in CHECKPOINTING:
+        raise InputError(f"unknown checkpointing {checkpointing!r} — use one of {', '.join(CHECKPOINTING)}")
+    c, sb = config, batch * context
+    linear, square = layer_activation_bytes(c, batch, context)
+    head = (
+        2 * sb * c.d_model + 2 * sb * c.d_model + 4 * sb * c.vocab_size
+    )  # final norm in, head in, fp32 logits
+    head += sb * c.d_model if c.dropout > 0 else 0  # embedding dropout mask
+    if checkpointing == "none":
+        blocks = c.n_layers * (linear + square)
+    elif checkpointing == "selective":
+        blocks = c.n_layers * linear
+    else:
+        blocks = c.n_layers * 2 * sb * c.d_model + linear + square
+    return blocks + head
+
+
+def korthikanti_layer_bytes(batch: int, context: int, d_model: int, n_heads: int) -> int:
+    """The paper's per-layer formula for a GPT block with dropout: s·b·h·(34 + 5·a·s/h)."""
+    s, b, h, a = context, batch, d_model, n_heads
+    return 34 * s * b * h + 5 * a * s * s * b
+
+
+# ---- LoRA / QLoRA -------------------------------------------------------------------------------
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def lora_params(config: ModelConfig, rank: int, targets: tuple[str, ...] = ("q", "v")) -> int:
+    """Trainable LoRA parameters: each targeted d_in × d_out matrix gets A (d_in × r) and B (r × d_out).
+
+    Default targets are q and v (Hu et al. 2021); alpha = 2r only scales the update and adds nothing.
+    MLP targets apply to every expert of an MoE layer.
+    """
+    c = config
+    bad = [t for t in targets if t not in LORA_TARGETS or (t == "gate" and not c.gated_mlp)]
+    if bad or rank < 1:
+        raise InputError(
+            f"bad LoRA targets {bad} or rank {rank} — targets from {', '.join(LORA_TARGETS)}, rank >= 1"
+        )
+    shapes = {
+        "q": (c.d_model, c.q_dim),
+        "k": (c.d_model, c.kv_dim),
+        "v": (c.d_model, c.kv_dim),
+        "o": (c.q_dim, c.d_model),
+        "gate": (c.d_model, c.d_ff),
+        "up": (c.d_model, c.d_ff),
+        "down": (c.d_ff, c.d_model),
+    }
+    per_layer = 0
+    for t in dict.fromkeys(targets):
+        n_in, n_out = shapes[t]
+        copies = max(c.n_experts, 1) if t in ("gate", "up", "down") else 1
+        per_layer += copies * rank * (n_in + n_out)
+    return c.n_layers * per_layer
+
+
+def lora_memory(
+    config: ModelConfig, rank: int, targets: tuple[str, ...] = ("q", "v"), base_dtype: str = "bf16"
+) -> dict[str, float]:
+    """Frozen base weights in `base_dtype` (`nf4` = QLoRA) + adapters trained at 16 B/param
+    (weight, gradient, fp32 master and AdamW moments, as for full training). Activations excluded."""
+    p = count_params(config)
+    trainable = lora_params(config, rank, targets)
+    base = weights_bytes(p, base_dtype)
+    adapters = trainable * training_bytes_per_param("adamw")
+    return {
+        "rank": rank,
+        "alpha": 2 * rank,
+        "targets": list(targets),
+        "trainable_params": trainable,
+        "trainable_fraction": trainable / p.total,
+        "base_dtype": base_dtype,
+        "base_weights_bytes": base,
+        "adapter_training_bytes": adapters,
+        "total_bytes": base + adapters,
+    }

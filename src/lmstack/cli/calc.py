@@ -1,0 +1,87 @@
+"""`lmstack calc MODEL`: parameters, FLOPs, memory, KV cache, throughput and cost from a config.
+
+MODEL is a preset name (`llama2-7b`), a Hugging Face `config.json`, or a checkpoint folder holding
+one. The command parses arguments and calls `lmstack.arith.analyze`; `--json` prints its dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lmstack.config import ModelConfig
+from lmstack.errors import InputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmstack.arith.hardware import HARDWARE
+    from lmstack.arith.memory import BITS
+
+    p = subparsers.add_parser(
+        "calc",
+        help="every number from a config: params, FLOPs, memory, KV cache, throughput, cost",
+        description=__doc__,
+    )
+    p.add_argument("model", metavar="MODEL", help="preset name, config.json path, or checkpoint folder")
+    p.add_argument(
+        "--hardware", default="h100-sxm", help=f"{', '.join(HARDWARE)}, or tflops=..,tbps=..,gib=.."
+    )
+    p.add_argument("--batch", type=int, default=1, help="concurrent sequences (default 1)")
+    p.add_argument(
+        "--context", type=int, default=None, help="tokens per sequence (default min(max_seq_len, 4096))"
+    )
+    p.add_argument("--dtype", default="bf16", help=f"weight dtype: {', '.join(BITS)} (default bf16)")
+    p.add_argument("--kv-dtype", default=None, help="KV-cache dtype (default: the weight dtype, or bf16)")
+    p.add_argument(
+        "--gpus", type=int, default=1, help="GPUs (tensor-parallel for inference, data-parallel for training)"
+    )
+    p.add_argument(
+        "--mfu", type=float, default=0.5, help="model FLOPs utilisation for prefill/training (default 0.5)"
+    )
+    p.add_argument(
+        "--lora-rank", type=int, default=16, help="LoRA rank, targets q and v, alpha 2r (default 16)"
+    )
+    p.add_argument(
+        "--causal", action="store_true", help="count causal attention pairs instead of the full s²"
+    )
+    p.add_argument("--price", type=float, default=3.0, help="dollars per GPU-hour (default 3.0)")
+    p.add_argument(
+        "--reserve", type=float, default=0.1, help="fraction of GPU memory kept free when serving (0.1)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmstack.arith import analyze, format_report
+
+    config = load_config(args.model)
+    result = analyze(
+        config,
+        hardware=args.hardware,
+        batch=args.batch,
+        context=args.context,
+        dtype=args.dtype,
+        kv_dtype=args.kv_dtype,
+        gpus=args.gpus,
+        mfu=args.mfu,
+        lora_rank=args.lora_rank,
+        causal=args.causal,
+        price_per_gpu_hour=args.price,
+        reserve_fraction=args.reserve,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
+def load_config(model: str) -> ModelConfig:
+    """A preset name, a `config.json` file, or a checkpoint folder containing one."""
+    path = Path(model)
+    if not path.exists():
+        if path.suffix == ".json" or "/" in model or "\\" in model:
+            raise InputError(
+                f"no such file or folder: {model} — give a preset name, a config.json or a checkpoint folder"
+            )
+        return ModelConfig.preset(model)  # raises with close matches for an unknown name
+    return ModelConfig.from_hf(path)  # a folder or its config.json; names bad JSON and unsupported families
