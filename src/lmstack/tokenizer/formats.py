@@ -1,0 +1,239 @@
+"""Tokenizer files: our `lmstack_tokenizer.json`, folders (save/load), and the tiktoken export.
+
+- `lmstack_tokenizer.json` (ours): versioned, human-readable JSON holding the merges as ids, one per
+  line, with the specials, pattern and chat template, and a `content_hash` checked on load (a corrupt or
+  hand-edited file is an error, not a silently different tokenizer).
+- A folder holds ours plus Hugging Face's `tokenizer.json` + `tokenizer_config.json` (`hf_format.py`);
+  `load` prefers ours and otherwise imports the Hugging Face file.
+- tiktoken: an `Encoding` built from our ranks. tiktoken merges by the rank of the concatenated bytes;
+  for vocabularies learned by BPE whose ids follow merge order this equals merging by merge rank, so we
+  refuse vocabularies where it would not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmstack.errors import InputError
+from lmstack.tokenizer.hf_format import HF_TOKENIZER, from_hf_json, to_hf, to_hf_config, to_hf_json
+from lmstack.tokenizer.merge import merge_piece
+from lmstack.tokenizer.vocab import extra_tokens
+
+if TYPE_CHECKING:
+    from lmstack.tokenizer.bpe import Tokenizer
+
+FORMAT_NAME = "lmstack_tokenizer"
+FORMAT_VERSION = 1
+OURS = "lmstack_tokenizer.json"
+HF_CONFIG = "tokenizer_config.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# our format
+
+
+def to_lmstack_json(tok: Tokenizer) -> str:
+    """Our file, as text: readable fields first, then one merge per line."""
+    standard = tok._byte_ids == list(range(256)) and all(m[2] == 256 + r for r, m in enumerate(tok._merges))
+    header = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "vocab_size": tok.vocab_size,
+        "pattern_name": tok.pattern_name,
+        "pattern": tok.pattern,
+        "normalizer": tok.normalizer,
+        "ignore_merges": tok.ignore_merges,
+        "special_tokens": tok._specials,
+        "added_tokens": tok._added,
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "chat_template": tok.chat_template,
+        "content_hash": tok.content_hash,
+        "byte_ids": None if standard else tok._byte_ids,
+        "extra_tokens": {str(i): data.hex() for i, data in extra_tokens(tok._vocab).items()},
+        "merge_layout": "pairs: merge i makes id 256 + i" if standard else "triples: [left, right, new id]",
+    }
+    lines = ["{"]
+    lines += [
+        f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}," for key, value in header.items()
+    ]
+    merges = [json.dumps(list(m[:2]) if standard else list(m)) for m in tok._merges]
+    lines.append('  "merges": [' + ("" if merges else "]"))
+    if merges:
+        lines += [f"    {m}," for m in merges[:-1]] + [f"    {merges[-1]}", "  ]"]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def from_lmstack_json(text: str, source: str = OURS) -> Tokenizer:
+    """Parse our file; any inconsistency is an `InputError` naming the file."""
+    from lmstack.tokenizer.bpe import Tokenizer
+
+    fix = "re-save it with Tokenizer.save(), or delete it to fall back to tokenizer.json"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{source} is corrupt (not valid JSON: {exc}) — {fix}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise InputError(f'{source} is not an lmstack tokenizer file (no "format": "{FORMAT_NAME}") — {fix}')
+    version = data.get("version")
+    if version != FORMAT_VERSION:
+        raise InputError(
+            f"{source} has format version {version!r}; this lmstack reads version {FORMAT_VERSION} — "
+            "upgrade lmstack or re-save the tokenizer"
+        )
+    try:
+        tok = Tokenizer(
+            [tuple(m) for m in data["merges"]],
+            pattern=data["pattern"],
+            special_tokens=dict(data["special_tokens"]),
+            byte_ids=data.get("byte_ids"),
+            extra_tokens={int(i): bytes.fromhex(h) for i, h in data.get("extra_tokens", {}).items()},
+            added_tokens=data.get("added_tokens") or {},
+            normalizer=data.get("normalizer"),
+            ignore_merges=data.get("ignore_merges", False),
+            bos_token=data.get("bos_token"),
+            eos_token=data.get("eos_token"),
+            chat_template=data.get("chat_template", ""),
+        )
+    except InputError as exc:
+        raise InputError(f"{source} is corrupt: {exc} — {fix}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(f"{source} is corrupt (bad or missing field: {exc!r}) — {fix}") from None
+    if data.get("content_hash") not in (None, tok.content_hash):
+        raise InputError(f"{source} is corrupt: its content_hash does not match its merges — {fix}")
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------
+# tiktoken
+
+
+def tiktoken_compatible(tok: Tokenizer) -> str | None:
+    """Why this tokenizer cannot be a tiktoken Encoding that gives the same ids, or None if it can."""
+    if tok.normalizer:
+        return f"it normalizes text ({tok.normalizer}), which tiktoken cannot do"
+    if tok._added:
+        return "it has non-special added tokens, which tiktoken cannot match"
+    new_ids = [m[2] for m in tok._merges]
+    if any(a >= b for a, b in zip(new_ids, new_ids[1:])) or (new_ids and min(new_ids) <= max(tok._byte_ids)):
+        return "its ids do not follow merge order (tiktoken merges by id), so the two would disagree"
+    specials = set(tok._specials.values())
+    made = set(tok._byte_ids) | set(new_ids)
+    if any(data is not None and i not in made and i not in specials for i, data in enumerate(tok._id_bytes)):
+        return "it has tokens that no merge produces"
+    # tiktoken merges any adjacent pair whose bytes form a token; merge-by-rank only merges listed pairs.
+    # They agree when every token's own bytes encode back to that one token (true for merges learned by
+    # BPE): then a pair whose bytes form token T can only be T's own merge pair.
+    for _, _, new_id in tok._merges:
+        data = tok._id_bytes[new_id]
+        if merge_piece([tok._byte_ids[b] for b in data], tok._ranks) != [new_id]:
+            return f"token {new_id} ({data!r}) does not encode to itself by its merges, so the two would disagree"
+    return None
+
+
+def to_tiktoken(tok: Tokenizer) -> Any:
+    """A `tiktoken.Encoding` with our ranks (never `tiktoken.get_encoding`, which downloads)."""
+    reason = tiktoken_compatible(tok)
+    if reason is not None:
+        raise InputError(f"cannot export this tokenizer to tiktoken: {reason}")
+    import tiktoken
+
+    ranks = {tok._id_bytes[i]: i for i in [*tok._byte_ids, *(m[2] for m in tok._merges)]}
+    return tiktoken.Encoding(
+        name=f"lmstack-{tok.content_hash[:12]}",
+        pat_str=tok.pattern,
+        mergeable_ranks=ranks,
+        special_tokens=dict(tok._specials),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# folders
+
+
+def save(tok: Tokenizer, directory: str | os.PathLike) -> Path:
+    """Write our file and the two Hugging Face files into `directory` (created), each atomically."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} exists and is not a folder — choose another output folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(directory / OURS, to_lmstack_json(tok))
+    _write_atomic(directory / HF_TOKENIZER, json.dumps(to_hf_json(tok), ensure_ascii=False, indent=1))
+    _write_atomic(directory / HF_CONFIG, json.dumps(to_hf_config(tok), ensure_ascii=False, indent=2))
+    return directory
+
+
+def load(directory: str | os.PathLike) -> Tokenizer:
+    """Read `lmstack_tokenizer.json`, else import `tokenizer.json` (+ `tokenizer_config.json`)."""
+    path = Path(directory)
+    if path.is_file() and path.name in (OURS, HF_TOKENIZER):
+        path = path.parent
+    if not path.is_dir():
+        raise InputError(
+            f"tokenizer folder not found: {path} — pass the folder `lmstack tokenizer train --out` wrote"
+        )
+    if (path / OURS).is_file():
+        return from_lmstack_json(_read(path / OURS), str(path / OURS))
+    if (path / HF_TOKENIZER).is_file():
+        source = str(path / HF_TOKENIZER)
+        data = _parse_json(_read(path / HF_TOKENIZER), source)
+        config = (
+            _parse_json(_read(path / HF_CONFIG), str(path / HF_CONFIG))
+            if (path / HF_CONFIG).is_file()
+            else None
+        )
+        try:
+            return from_hf_json(data, config, source)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(
+                f"{source} is malformed ({exc!r}) — is it a Hugging Face tokenizer.json?"
+            ) from None
+    raise InputError(
+        f"{path} has neither {OURS} nor {HF_TOKENIZER} — train one with `lmstack tokenizer train` "
+        "or point to a folder that has one"
+    )
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path} is corrupt (not UTF-8 at byte {exc.start}) — re-save or re-download it"
+        ) from None
+
+
+def _parse_json(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{source} is corrupt (not valid JSON: {exc}) — re-save or re-download it") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{source} is corrupt (expected a JSON object) — re-save or re-download it")
+    return data
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+__all__ = [
+    "from_lmstack_json",
+    "load",
+    "save",
+    "tiktoken_compatible",
+    "to_hf",
+    "to_lmstack_json",
+    "to_tiktoken",
+]

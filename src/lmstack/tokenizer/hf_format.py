@@ -1,0 +1,291 @@
+"""Hugging Face `tokenizer.json` / `tokenizer_config.json`: export, and import of byte-level BPE files.
+
+A byte-level BPE `tokenizer.json` writes each token's bytes in GPT-2's byte-to-unicode alphabet (byte
+0x20, a space, is written `Ġ`), so the vocabulary and merges are readable strings. We write it by hand
+(saving needs no `tokenizers` package) with a `Split(regex)` + `ByteLevel` pre-tokenizer, and import
+the three common variants:
+
+- GPT-2: a lone `ByteLevel(use_regex=true)` pre-tokenizer (its built-in GPT-2 regex);
+- Llama-3: `Split(cl100k regex)` + `ByteLevel(use_regex=false)`, `ignore_merges`, a BOS template;
+- Qwen2: the same with one digit per piece and an NFC normalizer.
+
+SentencePiece-style files (Metaspace `▁`, byte fallback, Unigram) are refused with a clear error, as
+are options we would silently get wrong. The exported file never inserts BOS/EOS by itself
+(post-processor `ByteLevel`), so `hf.encode(text).ids == tok.encode(text, allowed_special="all")`.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from lmstack.errors import InputError
+from lmstack.tokenizer.pretokenize import GPT2_PATTERN
+
+if TYPE_CHECKING:
+    from lmstack.tokenizer.bpe import Tokenizer
+
+HF_TOKENIZER = "tokenizer.json"
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used in tokenizer.json vocabularies.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (control bytes, space, ...) are shifted
+    to U+0100 and up, so that no token string contains whitespace or control characters.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    shifted = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + shifted)
+            shifted += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def _to_hf_text(data: bytes) -> str:
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in data)
+
+
+def _from_hf_text(text: str, source: str) -> bytes:
+    table = {c: b for b, c in bytes_to_unicode().items()}
+    try:
+        return bytes(table[c] for c in text)
+    except KeyError:
+        raise InputError(
+            f"{source}: vocabulary token {text!r} is not in the byte-level alphabet — only byte-level BPE "
+            "tokenizers (GPT-2, Llama-3, Qwen2 style) can be imported"
+        ) from None
+
+
+def to_hf_json(tok: Tokenizer) -> dict[str, Any]:
+    """The `tokenizer.json` document for this tokenizer (as a dict)."""
+    specials = set(tok._specials.values()) | set(tok._added.values())
+    vocab = {
+        _to_hf_text(data): i for i, data in enumerate(tok._id_bytes) if data is not None and i not in specials
+    }
+    merges = [[_to_hf_text(tok._id_bytes[a]), _to_hf_text(tok._id_bytes[b])] for a, b, _ in tok._merges]
+    added = [(i, s, True) for s, i in tok._specials.items()] + [(i, s, False) for s, i in tok._added.items()]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": s,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": special,
+            }
+            for i, s, special in sorted(added)
+        ],
+        "normalizer": {"type": tok.normalizer} if tok.normalizer else None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": False,
+            "use_regex": True,
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": tok.ignore_merges,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
+
+
+def to_hf_config(tok: Tokenizer) -> dict[str, Any]:
+    """The `tokenizer_config.json` that lets `transformers.AutoTokenizer` load the folder."""
+    names = {i: s for s, i in {**tok._added, **tok._specials}.items()}
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok.bos_token,
+        "eos_token": names.get(tok.eos_id) if tok.eos_id is not None else None,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {
+            str(i): {
+                "content": s,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": s in tok._specials,
+            }
+            for i, s in sorted(names.items())
+        },
+        "lmstack_content_hash": tok.content_hash,
+    }
+    if tok.chat_template:
+        config["chat_template"] = tok.chat_template
+    return config
+
+
+def to_hf(tok: Tokenizer) -> Any:
+    """A `tokenizers.Tokenizer` (imported lazily: `tokenizers` is a test-only extra)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_str(json.dumps(to_hf_json(tok)))
+
+
+def from_hf_json(
+    data: dict[str, Any], config: dict[str, Any] | None = None, source: str = HF_TOKENIZER
+) -> Tokenizer:
+    """Import a byte-level BPE `tokenizer.json` (GPT-2, Llama-3, Qwen2 style), keeping its ids."""
+    from lmstack.tokenizer.bpe import Tokenizer
+
+    model = data.get("model") or {}
+    _refuse_non_byte_level(data, model, source)
+    pattern = _hf_pattern(data.get("pre_tokenizer"), source)
+    normalizer = _hf_normalizer(data.get("normalizer"), source)
+    for option in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+        if model.get(option):
+            raise InputError(f"{source}: BPE option {option}={model[option]!r} is not supported")
+
+    added: dict[str, int] = {}
+    specials: dict[str, int] = {}
+    for entry in data.get("added_tokens") or []:
+        if entry.get("lstrip") or entry.get("rstrip") or entry.get("single_word"):
+            raise InputError(
+                f"{source}: added token {entry['content']!r} uses lstrip/rstrip/single_word, which lmstack does not support"
+            )
+        (specials if entry.get("special") else added)[entry["content"]] = int(entry["id"])
+    reserved = set(specials.values()) | set(added.values())
+
+    vocab_ids: dict[bytes, int] = {}
+    for text, token_id in (model.get("vocab") or {}).items():
+        if token_id not in reserved:
+            vocab_ids[_from_hf_text(text, source)] = int(token_id)
+    missing = [b for b in range(256) if bytes([b]) not in vocab_ids]
+    if missing:
+        raise InputError(
+            f"{source}: the vocabulary lacks {len(missing)} of the 256 byte tokens — not a byte-level BPE"
+        )
+    byte_ids = [vocab_ids[bytes([b])] for b in range(256)]
+
+    merges = []
+    for rank, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        left_b, right_b = _from_hf_text(left, source), _from_hf_text(right, source)
+        try:
+            merges.append((vocab_ids[left_b], vocab_ids[right_b], vocab_ids[left_b + right_b]))
+        except KeyError:
+            raise InputError(
+                f"{source}: merge {rank} ({left!r}, {right!r}) uses or makes a token not in the vocabulary"
+            ) from None
+    made = set(byte_ids) | {m[2] for m in merges}
+    extra = {i: data_ for data_, i in vocab_ids.items() if i not in made}
+
+    config = config or {}
+    bos = _token_name(config.get("bos_token")) or _template_bos(data.get("post_processor"))
+    eos = _token_name(config.get("eos_token"))
+    known = set(specials) | set(added)
+    template = config.get("chat_template") or ""
+    if isinstance(template, list):  # named templates: keep the default one
+        template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
+    return Tokenizer(
+        merges,
+        pattern=pattern,
+        special_tokens=specials,
+        byte_ids=byte_ids,
+        extra_tokens=extra,
+        added_tokens=added,
+        normalizer=normalizer,
+        ignore_merges=bool(model.get("ignore_merges", False)),
+        bos_token=bos if bos in known else None,
+        eos_token=eos if eos in known else None,
+        chat_template=template,
+    )
+
+
+def _refuse_non_byte_level(data: dict[str, Any], model: dict[str, Any], source: str) -> None:
+    text = json.dumps(
+        {k: data.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")}, ensure_ascii=False
+    )
+    kind = model.get("type")
+    if kind == "Unigram" or model.get("byte_fallback") or "Metaspace" in text or "\u2581" in text:
+        raise InputError(
+            f"{source} is a SentencePiece-style tokenizer ({kind}, Metaspace/byte-fallback); lmstack imports "
+            "only byte-level BPE (GPT-2, Llama-3, Qwen2 style) — load it with transformers.AutoTokenizer, "
+            "or train a byte-level one with `lmstack tokenizer train`"
+        )
+    if kind != "BPE":
+        raise InputError(f"{source} has a {kind} model; lmstack imports only byte-level BPE tokenizers")
+
+
+def _hf_pattern(pre: dict[str, Any] | None, source: str) -> str:
+    """The split regex of a ByteLevel (GPT-2) or Split + ByteLevel (Llama-3, Qwen2) pre-tokenizer."""
+    steps = (pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else [pre]) or [None]
+    unsupported = InputError(
+        f"{source}: unsupported pre-tokenizer {json.dumps(pre)[:200]} — lmstack imports ByteLevel, or "
+        "Split(regex, Isolated) followed by ByteLevel(use_regex=false), without add_prefix_space"
+    )
+    *splits, last = steps
+    if not last or last.get("type") != "ByteLevel" or last.get("add_prefix_space") or len(splits) > 1:
+        raise unsupported
+    if not splits:
+        if not last.get("use_regex", True):
+            raise unsupported
+        return GPT2_PATTERN
+    split = splits[0]
+    regex_text = (split.get("pattern") or {}).get("Regex")
+    if (
+        split.get("type") != "Split"
+        or regex_text is None
+        or split.get("invert")
+        or split.get("behavior") != "Isolated"
+        or last.get("use_regex", True)
+    ):
+        raise unsupported
+    return regex_text
+
+
+def _hf_normalizer(normalizer: dict[str, Any] | None, source: str) -> str | None:
+    if normalizer is None or (normalizer.get("type") == "Sequence" and not normalizer.get("normalizers")):
+        return None
+    if normalizer.get("type") == "NFC":
+        return "NFC"
+    raise InputError(f"{source}: unsupported normalizer {normalizer.get('type')!r} — only none or NFC")
+
+
+def _token_name(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _template_bos(post: dict[str, Any] | None) -> str | None:
+    """The BOS a TemplateProcessing post-processor prepends (Llama-3), if any."""
+    processors = (post or {}).get("processors") if (post or {}).get("type") == "Sequence" else [post]
+    for proc in processors or []:
+        if proc and proc.get("type") == "TemplateProcessing":
+            first = (proc.get("single") or [{}])[0]
+            if "SpecialToken" in first:
+                return first["SpecialToken"]["id"]
+    return None
