@@ -29,9 +29,16 @@ def test_twelve_shared_words_are_not_contamination(make_prose):
 
 
 def test_short_eval_items_match_whole(make_prose):
-    index = build_eval_index(["Name the largest ocean"], n=13)
-    doc = Document(make_prose(1) + " name the largest ocean on earth " + make_prose(2), "s", "d")
+    index = build_eval_index(["Name the largest ocean on the planet today"], n=13)  # 8 words < 13
+    doc = Document(make_prose(1) + " name the largest ocean on the planet today " + make_prose(2), "s", "d")
     assert decontaminate([doc], index)[1] == 1
+
+
+def test_very_short_eval_items_are_ignored(make_prose):
+    # a one-word answer such as "Yes" must not remove every document that says yes
+    index = build_eval_index(["Yes", "Paris"], n=13)
+    docs = [Document(make_prose(i) + " yes, Paris. ", "s", f"d{i}") for i in range(3)]
+    assert decontaminate(docs, index) == (docs, 0)
 
 
 def test_no_eval_sets_keeps_everything(make_prose):

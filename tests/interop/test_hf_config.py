@@ -217,3 +217,13 @@ def test_out_of_vocabulary_token_ids_are_dropped():
     with pytest.warns(UserWarning, match="outside the vocabulary"):
         config = ModelConfig.from_hf(dict(LLAMA_V4, vocab_size=1000))
     assert config.bos_id is None and config.eos_id is None
+
+
+@pytest.mark.parametrize("bad", [{"hidden_size": "64"}, {"rms_norm_eps": None}, {"num_attention_heads": 0}])
+def test_wrongly_typed_fields_are_input_errors(bad):
+    data = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 100, "hidden_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="config"):
+        ModelConfig.from_hf({**data, **bad})

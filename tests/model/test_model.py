@@ -135,3 +135,9 @@ def test_seeded_builds_are_reproducible():
     a = build_model(BASE, seed=3)
     b = build_model(BASE, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_layernorm_with_unit_offset_runs_in_bfloat16():
+    config = dataclasses.replace(BASE, norm="layernorm", norm_unit_offset=True)
+    model = build_model(config, seed=0, dtype=torch.bfloat16)
+    assert model(torch.randint(0, 97, (1, 8))).dtype == torch.bfloat16

@@ -20,8 +20,7 @@ from lmstack.tokenizer.pretokenize import (
     split_pieces,
 )
 
-settings.register_profile("tokenizer-ci", max_examples=60, deadline=None, derandomize=True)
-CI = settings.get_profile("tokenizer-ci")
+CI = settings.get_profile("ci")  # tests/conftest.py: bounded, no deadline, derandomized
 
 # characters that stress the split rules: whitespace kinds, newlines, letters, digits, marks, emoji
 TRICKY = st.text(

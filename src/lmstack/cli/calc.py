@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from lmstack.config import ModelConfig
-from lmstack.errors import InputError
+from lmstack.interop.folders import resolve_model_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,12 +75,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_config(model: str) -> ModelConfig:
-    """A preset name, a `config.json` file, or a checkpoint folder containing one."""
-    path = Path(model)
-    if not path.exists():
-        if path.suffix == ".json" or "/" in model or "\\" in model:
-            raise InputError(
-                f"no such file or folder: {model} — give a preset name, a config.json or a checkpoint folder"
-            )
-        return ModelConfig.preset(model)  # raises with close matches for an unknown name
-    return ModelConfig.from_hf(path)  # a folder or its config.json; names bad JSON and unsupported families
+    """A preset name, a `config.json` file, or a checkpoint or run folder."""
+    return resolve_model_config(model)[0]

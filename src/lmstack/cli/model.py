@@ -1,8 +1,8 @@
 """`lmstack info MODEL`: a model's config and its parameters by component.
 
 MODEL is a preset name (`llama3-8b`), a checkpoint folder (ours or a Hugging Face one), a run folder
-(its latest checkpoint), or a `config.json`. Parameters are counted on a model built on the meta
-device, so even a 70B preset costs no memory.
+(its latest checkpoint), or a `config.json`. Parameters come from `lmstack.arith` (tested equal to the
+model built on the meta device), so even a 70B preset costs no memory.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmstack.arith.params import count_params
 from lmstack.config import ModelConfig
-from lmstack.errors import InputError
+from lmstack.interop.folders import resolve_model_config
 
 COMPONENTS = ("embeddings", "attention", "mlp", "experts", "router", "norms", "lm_head")
 
@@ -36,20 +37,11 @@ def run(args: argparse.Namespace) -> int:
 # ---- library --------------------------------------------------------------------------------
 def load_model_config(spec: str) -> tuple[ModelConfig, dict[str, Any]]:
     """The config a MODEL argument names, and where it came from."""
-    path = Path(spec)
-    if path.is_dir():
-        from lmstack.train.checkpoint import resolve_model_dir  # a run folder means its latest checkpoint
-
-        folder = resolve_model_dir(path)
-        config = ModelConfig.from_hf(folder)  # first: it names a bad or missing config.json
+    config, folder = resolve_model_config(spec)
+    if folder is not None:
         return config, {"kind": "folder", "path": str(folder), **_checkpoint_files(folder)}
-    if path.is_file():
-        return ModelConfig.from_hf(path), {"kind": "config", "path": str(path)}
-    if path.suffix == ".json" or "/" in spec or "\\" in spec:
-        raise InputError(
-            f"no such file or folder: {spec} — give a preset name, a checkpoint folder or a config.json"
-        )
-    config = ModelConfig.preset(spec)  # an unknown name raises, listing close matches
+    if Path(spec).is_file():
+        return config, {"kind": "config", "path": str(spec)}
     return config, {"kind": "preset", "name": spec, "hf_repo": config.hf_repo}
 
 
@@ -64,36 +56,23 @@ def _checkpoint_files(folder: Path) -> dict[str, Any]:
 
 
 def parameter_breakdown(config: ModelConfig) -> dict[str, int]:
-    """Parameters by component, counted on the model built on the meta device (nothing allocated).
+    """Parameters by component, from the arithmetic (which the tests hold equal to a meta-device model).
 
     `total` counts a tied head once; `active` is what one token touches (all but the idle experts).
     """
-    from lmstack.model import build_model
-
-    model = build_model(config, device="meta")
-    counts = dict.fromkeys(COMPONENTS, 0)
-    for name, p in model.named_parameters():
-        counts[_component(name)] += p.numel()
-    counts["total"] = sum(counts[c] for c in COMPONENTS)
-    idle = counts["experts"] * (1 - config.n_experts_per_token / config.n_experts) if config.is_moe else 0
-    counts["active"] = counts["total"] - round(idle)
-    return counts
-
-
-def _component(name: str) -> str:
-    if name.startswith(("tok_emb.", "pos_emb.")):
-        return "embeddings"
-    if name.startswith("lm_head."):
-        return "lm_head"
-    if "norm." in name:
-        return "norms"
-    if ".attn." in name:
-        return "attention"
-    if ".mlp.router." in name:
-        return "router"
-    if ".mlp.experts." in name:
-        return "experts"
-    return "mlp"
+    counts = count_params(config)
+    layer, n = counts.layer, counts.n_layers
+    return {
+        "embeddings": counts.embedding,
+        "attention": n * layer.attention,
+        "mlp": 0 if layer.n_experts else n * layer.expert,
+        "experts": n * layer.n_experts * layer.expert,
+        "router": n * layer.router,
+        "norms": n * layer.norms + counts.final_norm,
+        "lm_head": counts.lm_head,
+        "total": counts.total,
+        "active": counts.active,
+    }
 
 
 def model_info(spec: str) -> dict[str, Any]:

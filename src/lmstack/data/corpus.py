@@ -24,7 +24,7 @@ import os
 import sysconfig
 from pathlib import Path
 
-from lmstack.data.atomic import atomic_write_text
+from lmstack.atomic import atomic_write_text
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 DOC_NODES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)

@@ -4,25 +4,27 @@ A model that saw a benchmark's text during pre-training scores well on it for th
 GPT-3 (Brown et al., 2020, appendix C) we call a training document contaminated when it shares any
 n-gram of `n` consecutive normalised words (default 13) with an evaluation document, and drop it whole.
 An evaluation item shorter than `n` words contributes its entire word sequence instead, so short
-questions are still caught.
+questions are still caught; items under 8 words ("Yes", "Paris") are ignored, since such common
+phrases would otherwise remove every document that uses them.
 
-Words are lower-cased `\\w+` runs, so punctuation and spacing changes do not hide an overlap. The
+Words are NFKC-normalised, lower-cased `\\w+` runs (the de-duplication stage's normalisation), so punctuation and spacing changes do not hide an overlap. The
 n-grams live in an in-memory set of word tuples: membership is exact (no false positives), and since
 only membership is asked, the result never depends on Python's hash seed.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from lmstack.data.dedup import WORD, normalise
 from lmstack.data.extract import Document
 
-WORD = re.compile(r"\w+")
+MIN_ITEM_WORDS = 8  # shorter eval items ("Yes", "Paris") are common phrases, not evidence of leakage
 
 
 def words(text: str) -> list[str]:
-    return WORD.findall(text.lower())
+    """Normalised words, the same normalisation as de-duplication (NFKC, lower case)."""
+    return WORD.findall(normalise(text))
 
 
 def ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
@@ -34,11 +36,12 @@ class EvalIndex:
     """The n-grams of the evaluation sets, grouped by length (n, plus shorter whole items)."""
 
     n: int
+    min_words: int = MIN_ITEM_WORDS
     grams: dict[int, set[tuple[str, ...]]] = field(default_factory=dict)
 
     def add(self, text: str) -> None:
         tokens = words(text)
-        if not tokens:
+        if len(tokens) < min(self.min_words, self.n):
             return
         size = min(self.n, len(tokens))
         self.grams.setdefault(size, set()).update(ngrams(tokens, size))

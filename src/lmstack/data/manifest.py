@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmstack.data.atomic import atomic_write_text
+from lmstack.atomic import atomic_write_text
 from lmstack.errors import InputError
 
 FORMAT = "lmstack-dataset"

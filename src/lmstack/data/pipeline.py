@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lmstack.data.atomic import replace_dir
+from lmstack.atomic import replace_dir
 from lmstack.data.config import DataConfig
 from lmstack.data.decontaminate import build_eval_index, decontaminate
 from lmstack.data.dedup import remove_exact_duplicates, remove_near_duplicates

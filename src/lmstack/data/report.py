@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmstack.data.atomic import atomic_write_text
+from lmstack.atomic import atomic_write_text
 
 REPORT_NAME = "report.txt"
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmstack.data.atomic import atomic_open
+from lmstack.atomic import atomic_open
 from lmstack.errors import InputError
 
 MAGIC = b"LMSTOKS\0"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import shutil
 import warnings
@@ -36,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lmstack.atomic import replace_dir
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
 from lmstack.interop.hf_config import config_from_hf, config_to_hf, hf_incompatibilities, read_config_json
@@ -461,9 +461,7 @@ def save_pretrained(
         _write_json(tmp / "generation_config.json", _generation_config(config, tokenizer))
         if tokenizer is not None:
             tokenizer.save(tmp)
-        for file in tmp.iterdir():
-            _fsync(file)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -493,26 +491,3 @@ def _write_weights(folder: Path, tensors: dict[str, torch.Tensor], max_shard_byt
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename the finished `tmp` folder to `final`; an existing `final` is moved aside first and removed
-    only once the new one is in place, so a crash leaves one complete folder under one of the names."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    if old.exists():
-        shutil.rmtree(old)

@@ -143,6 +143,10 @@ def config_from_hf(path_or_dict: str | Path | dict[str, Any]) -> ModelConfig:
         if str(exc).startswith(source):
             raise
         raise InputError(f"{source}: {exc}") from None
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as exc:  # a field of the wrong type
+        raise InputError(
+            f"{source}: malformed config field ({exc}) — fix or re-download config.json"
+        ) from None
 
 
 def _getter(data: dict[str, Any], family: str) -> Callable[[str], Any]:

@@ -27,7 +27,7 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
-            return F.layer_norm(x, x.shape[-1:], self.gain(), self.bias, self.eps)
+            return F.layer_norm(x, x.shape[-1:], self.gain().to(x.dtype), self.bias, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:  # Gemma multiplies in float32 before casting back

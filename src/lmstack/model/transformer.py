@@ -34,7 +34,16 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe else MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, positions, valid, rope, alibi, cache, plain_causal):
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        alibi: torch.Tensor | None,
+        cache: KVCache | None,
+        plain_causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         router_logits = None
         if self.pre_norm:
             x = x + self.drop(
@@ -134,7 +143,10 @@ class Transformer(nn.Module):
         plain_causal = positions is None and attention_mask is None and cache is None
         if positions is None:
             offset = cache.seen_tokens if cache is not None else 0
-            if attention_mask is not None and offset == 0:
+            if attention_mask is not None and offset:
+                # each padded row's position depends on its own padding, which only the caller knows
+                raise InputError("with a non-empty cache and an attention_mask, pass positions explicitly")
+            if attention_mask is not None:
                 positions = positions_from_padding(attention_mask)
             else:
                 positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)

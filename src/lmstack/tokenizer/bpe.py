@@ -258,9 +258,14 @@ class Tokenizer:
         if self._tiktoken is None:
             from lmstack.tokenizer.formats import to_tiktoken
 
+            # Only the built-in patterns are known to split identically in tiktoken's regex engine; a
+            # custom pattern stays on the pure-Python path rather than risk a silent disagreement.
+            if self.pattern_name == "custom":
+                self._tiktoken = False
+                return None
             try:
                 self._tiktoken = to_tiktoken(self)
-            except (ImportError, InputError):  # not installed, or not exact for this vocabulary
+            except (ImportError, InputError, ValueError):  # not installed, not exact, or regex refused
                 self._tiktoken = False
         return self._tiktoken or None
 
@@ -318,13 +323,11 @@ class Tokenizer:
 
     @property
     def eos_id(self) -> int | None:
-        """The end-of-sequence id: the declared `eos_token`, else `<|endoftext|>` if present, else the
-        first special token, else None."""
+        """The end-of-sequence id: the declared `eos_token`, else `<|endoftext|>` if present, else None
+        (never a guess: separating documents with, say, `<|im_start|>` would be silently wrong)."""
         if self.eos_token is not None:
             return self._specials.get(self.eos_token, self._added.get(self.eos_token))
-        if "<|endoftext|>" in self._specials:
-            return self._specials["<|endoftext|>"]
-        return next(iter(self._specials.values()), None)
+        return self._specials.get("<|endoftext|>")
 
     @property
     def bos_id(self) -> int | None:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmstack.atomic import atomic_write_text
 from lmstack.errors import InputError
 from lmstack.tokenizer.hf_format import HF_TOKENIZER, from_hf_json, to_hf, to_hf_config, to_hf_json
 from lmstack.tokenizer.merge import merge_piece
@@ -161,9 +162,9 @@ def save(tok: Tokenizer, directory: str | os.PathLike) -> Path:
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory} exists and is not a folder — choose another output folder")
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / OURS, to_lmstack_json(tok))
-    _write_atomic(directory / HF_TOKENIZER, json.dumps(to_hf_json(tok), ensure_ascii=False, indent=1))
-    _write_atomic(directory / HF_CONFIG, json.dumps(to_hf_config(tok), ensure_ascii=False, indent=2))
+    atomic_write_text(directory / OURS, to_lmstack_json(tok))
+    atomic_write_text(directory / HF_TOKENIZER, json.dumps(to_hf_json(tok), ensure_ascii=False, indent=1))
+    atomic_write_text(directory / HF_CONFIG, json.dumps(to_hf_config(tok), ensure_ascii=False, indent=2))
     return directory
 
 
@@ -217,15 +218,6 @@ def _parse_json(text: str, source: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"{source} is corrupt (expected a JSON object) — re-save or re-download it")
     return data
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 __all__ = [

@@ -168,7 +168,7 @@ def count_pieces(
     return counts
 
 
-def iter_training_texts(inputs) -> Iterator[Iterable[str]]:
+def iter_training_texts(inputs: Iterable[str | Path] | str | Path) -> Iterator[Iterable[str]]:
     """Yield each independent text as an iterable of blocks: a document as one block, a file streamed.
 
     `inputs` is a path (one file), a list of paths (`pathlib.Path`, or strings naming existing files),

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself lives in the directory entry; fsync the folder so it survives a power cut.
-    # Windows cannot open folders, where this is a no-op.
+def fsync_path(path: str | Path) -> None:
+    """Flush a written file, or a folder's entries, to disk. The rename of an atomic write lives in the
+    directory entry, so the folder is synced too. Windows cannot open folders: there it is a no-op."""
     with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -44,7 +44,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -62,12 +62,15 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     Directories cannot be swapped in one atomic call, so the old one is first renamed aside; a crash
     in between leaves `final_dir.old`, never a partial `final_dir`.
     """
+    for file in tmp_dir.rglob("*"):
+        if file.is_file():
+            fsync_path(file)
     old = final_dir.with_name(final_dir.name + ".old")
     if old.exists():
         shutil.rmtree(old)
     if final_dir.exists():
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
-    _fsync_dir(final_dir.parent)
+    fsync_path(final_dir.parent)
     if old.exists():
         shutil.rmtree(old)

@@ -1,0 +1,72 @@
+"""Where a model lives: what every `MODEL` / `--model` argument may name.
+
+A preset name, a `config.json`, a checkpoint folder (config.json + safetensors), or a run folder — the
+folder training writes, whose `latest` file names its newest complete checkpoint under
+`checkpoints/step_<N>/` (DESIGN.md, "Run folder"). Resolution lives here, below train and infer,
+so every command reads run folders the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lmstack.config import ModelConfig
+from lmstack.errors import InputError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def latest_checkpoint(run_dir: str | Path, *, verify: bool = True) -> Path | None:
+    """The folder `run_dir/latest` names, or None when the run has no complete checkpoint yet."""
+    pointer = Path(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    target = pointer.read_text(encoding="utf-8").strip()
+    path = Path(run_dir) / target
+    if verify and (not STEP_DIR.match(path.name) or not path.is_dir()):
+        raise InputError(
+            f"{pointer} names {target!r}, which is not a checkpoint folder — point it at an existing "
+            f"{CHECKPOINTS}/step_<N> (or delete it to start over)"
+        )
+    return path
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A checkpoint folder as given, or a run folder's latest checkpoint."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"model folder not found: {path} — give a checkpoint folder or a run folder")
+    if not path.is_dir():
+        raise InputError(f"{path} is a file — give a checkpoint folder (with config.json) or a run folder")
+    if (path / "config.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    if (path / CHECKPOINTS).is_dir():
+        raise InputError(
+            f"run folder {path} has no complete checkpoint yet — train longer or give a checkpoint folder"
+        )
+    raise InputError(
+        f"{path} is neither a checkpoint folder (config.json) nor a run folder (latest) — check the path"
+    )
+
+
+def resolve_model_config(spec: str | Path) -> tuple[ModelConfig, Path | None]:
+    """The config a MODEL argument names, and the checkpoint folder it came from (None for a preset
+    or a bare config.json)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return ModelConfig.from_hf(path), None
+    if path.is_dir():
+        folder = resolve_model_dir(path)
+        return ModelConfig.from_hf(folder), folder
+    text = str(spec)
+    if path.suffix == ".json" or "/" in text or "\\" in text:
+        raise InputError(
+            f"no such file or folder: {text} — give a preset name, a checkpoint or run folder, or a config.json"
+        )
+    return ModelConfig.preset(text), None  # an unknown name raises, listing close matches
