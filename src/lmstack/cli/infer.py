@@ -1,0 +1,154 @@
+"""`lmstack generate` and `lmstack chat`: text generation from a checkpoint or run folder.
+
+Thin wrappers over `lmstack.infer.generate_text`: they load the model (`interop.hf.from_pretrained`)
+and its tokenizer (`Tokenizer.load`) from the folder `--model` names — a checkpoint folder, or a run
+folder meaning its latest checkpoint — and print the generated text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmstack.errors import InputError
+
+CACHES = (
+    "static",
+    "hybrid",
+    "dynamic",
+    "rolling",
+    "paged",
+)  # lmstack.infer.cache.CACHE_KINDS, kept import-free
+TRANSCRIPT_NOTICE = (
+    "note: this tokenizer has no chat template (a base model?); using a plain 'User:/Assistant:' transcript"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    gen = subparsers.add_parser("generate", help="generate text from a prompt", description=__doc__)
+    gen.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (read from stdin when omitted)")
+    _model_args(gen)
+    gen.add_argument("--beams", type=int, default=1, help="beam search with this many beams (greedy scoring)")
+    gen.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search (with --top-k)")
+    gen.add_argument("--draft", type=Path, default=None, help="draft model folder for speculative decoding")
+    gen.add_argument("--speculate-k", type=int, default=4, help="draft tokens proposed per step (default 4)")
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.set_defaults(func=run_generate)
+
+    chat = subparsers.add_parser(
+        "chat", help="chat with a model interactively (streaming)", description=__doc__
+    )
+    _model_args(chat)
+    chat.add_argument("--system", default=None, help="a system message to start the conversation")
+    chat.set_defaults(func=run_chat)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", type=Path, required=True, help="checkpoint folder or run folder (its latest checkpoint)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.8 to sample")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep probability mass p")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (default 1.0)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--cache", default="static", choices=CACHES, help="KV cache (default static)")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"], help="load dtype"
+    )
+
+
+def load_for_inference(path: Path, dtype: str | None = None) -> tuple[Any, Any]:
+    """Model and tokenizer of a checkpoint or run folder; the model carries `tokenizer_hash`."""
+    import torch
+
+    from lmstack.interop.hf import from_pretrained
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.train.checkpoint import resolve_model_dir
+
+    folder = resolve_model_dir(path)
+    model = from_pretrained(folder, dtype=getattr(torch, dtype) if dtype else None)
+    try:
+        tokenizer = Tokenizer.load(folder)
+    except FileNotFoundError:
+        raise InputError(
+            f"{folder} has no tokenizer files — save the checkpoint with its tokenizer"
+        ) from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise InputError(
+            f"the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size} — "
+            "they do not belong together"
+        )
+    model.tokenizer_hash = tokenizer.content_hash
+    return model, tokenizer
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        cache=args.cache,
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from lmstack.infer import generate_text
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise InputError("the prompt is empty — pass PROMPT or pipe text on stdin")
+    model, tokenizer = load_for_inference(args.model, args.dtype)
+    kwargs = _sampling_kwargs(args)
+    kwargs.update(num_beams=args.beams, penalty_alpha=args.penalty_alpha, speculate_k=args.speculate_k)
+    if args.draft is not None:
+        kwargs["draft"], _ = load_for_inference(args.draft, args.dtype)
+    on_text = (lambda _row, piece: print(piece, end="", flush=True)) if args.stream else None
+    result = generate_text(model, tokenizer, prompt, on_text=on_text, details=True, **kwargs)[0]
+    if not args.stream:
+        print(result.text, end="")
+    print()
+    if "acceptance_rate" in result.stats:
+        print(f"speculative: acceptance rate {result.stats['acceptance_rate']:.2f}", file=sys.stderr)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from lmstack.infer import generate_text
+
+    model, tokenizer = load_for_inference(args.model, args.dtype)
+    if not tokenizer.chat_template:
+        print(TRANSCRIPT_NOTICE, file=sys.stderr)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = generate_text(
+            model,
+            tokenizer,
+            messages,
+            on_text=lambda _row, piece: print(piece, end="", flush=True),
+            **_sampling_kwargs(args),
+        )
+        print()
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0

@@ -1,0 +1,468 @@
+"""KV caches: dynamic, static, hybrid (static, doubling when full), rolling (sliding window) and paged.
+
+Each cache implements the model's `KVCache` protocol (src/lmstack/model/attention.py): the model hands
+it one layer's new keys and values with their absolute positions and validity, and gets back every
+key the call's queries may attend to, with positions and validity. Visibility is decided by the one
+rule in `masks.sees`, from positions, so a cache may keep keys in any slot order (the rolling cache
+wraps around, the paged cache scatters them over blocks) as long as it reports where each key sits.
+
+Seed 001, "KV Cache": a dynamic cache grows by concatenation (simple, but every step reallocates and
+copies); a static cache preallocates a maximum length (no allocation while decoding); the hybrid the
+seed recommends is a static cache resized by doubling when full, so copies happen O(log n) times.
+Slots a static cache has not filled yet are never handed to attention: the cache returns a view of
+its filled prefix, which is equivalent to masking them and cheaper.
+
+Positions and validity are the same for every layer of one forward call, so they are computed when
+layer 0 calls `update` and reused by the other layers; the fill length advances after the last layer.
+All caches can `truncate` (speculative decoding rolls back rejected draft tokens) and all but the
+paged one can `reorder` their batch rows (beam search, contrastive search).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmstack.config import ModelConfig
+from lmstack.errors import InputError, RunError
+
+CACHE_KINDS = ("dynamic", "static", "hybrid", "rolling", "paged")
+
+
+class CacheFull(RunError):
+    """A cache (or the paged block pool) has no room for the tokens of this call."""
+
+
+class _LayerwiseCache:
+    """Bookkeeping shared by the caches: per-call positions computed once, length advanced after the last layer."""
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self.seen_tokens = 0  # slots filled per row (padding included); the model's default position offset
+
+    def _finish_layer(self, layer: int, T: int) -> None:
+        if layer == self.n_layers - 1:
+            self.seen_tokens += T
+
+    def memory_bytes(self) -> int:
+        """Bytes held by key/value storage (allocated, not merely used)."""
+        raise NotImplementedError
+
+
+class DynamicCache(_LayerwiseCache):
+    """Grows by concatenation along the sequence axis: no maximum length, a reallocation per step."""
+
+    def __init__(self, n_layers: int):
+        super().__init__(n_layers)
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.pos: torch.Tensor | None = None  # (B, S)
+        self.valid: torch.Tensor | None = None  # (B, S) or None when every slot is a real token
+
+    def update(self, layer, k, v, positions, valid):
+        T = k.shape[2]
+        if layer == 0:
+            self._call_pos = positions if self.pos is None else torch.cat((self.pos, positions), 1)
+            self._call_valid = _cat_valid(self.valid, valid, self.pos, positions)
+        old_k, old_v = self.k[layer], self.v[layer]
+        self.k[layer] = k if old_k is None else torch.cat((old_k, k), 2)  # (B, KV, S + T, D)
+        self.v[layer] = v if old_v is None else torch.cat((old_v, v), 2)
+        if layer == self.n_layers - 1:
+            self.pos, self.valid = self._call_pos, self._call_valid
+        self._finish_layer(layer, T)
+        return self.k[layer], self.v[layer], self._call_pos, self._call_valid
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` slots (drop rejected speculative tokens)."""
+        _check_truncate(n, self.seen_tokens)
+        self.k = [None if t is None else t[:, :, :n] for t in self.k]
+        self.v = [None if t is None else t[:, :, :n] for t in self.v]
+        if self.pos is not None:
+            self.pos = self.pos[:, :n]
+            self.valid = None if self.valid is None else self.valid[:, :n]
+        self.seen_tokens = n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows become `index`-selected rows (beam search); `index` may repeat rows or change the batch size."""
+        self.k = [None if t is None else t.index_select(0, index) for t in self.k]
+        self.v = [None if t is None else t.index_select(0, index) for t in self.v]
+        if self.pos is not None:
+            self.pos = self.pos.index_select(0, index)
+            self.valid = None if self.valid is None else self.valid.index_select(0, index)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+class StaticCache(_LayerwiseCache):
+    """Preallocated (B, KV, max_len, D) per layer; `growable=True` makes it the hybrid cache that doubles.
+
+    Writing is an in-place copy into the next free slots, so decoding allocates nothing. Only the
+    filled prefix is returned to attention.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        growable: bool = False,
+    ):
+        super().__init__(config.n_layers)
+        self.growable = growable
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.has_padding = False  # while False, k_valid is returned as None (no mask work for padding)
+
+    @property
+    def capacity(self) -> int:
+        return self.pos.shape[1]
+
+    def update(self, layer, k, v, positions, valid):
+        T = k.shape[2]
+        start, end = self.seen_tokens, self.seen_tokens + T
+        if end > self.k[layer].shape[2]:
+            if not self.growable:
+                raise CacheFull(
+                    f"static KV cache holds {self.capacity} tokens, this call needs {end} — "
+                    "build it with a larger max_len or use cache='hybrid'"
+                )
+            self._grow(layer, end)
+        if layer == 0:
+            self.pos[:, start:end] = positions
+            if valid is not None:
+                self.valid[:, start:end] = valid
+                self.has_padding = self.has_padding or not bool(valid.all())
+            else:
+                self.valid[:, start:end] = True
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        self._finish_layer(layer, T)
+        k_valid = self.valid[:, :end] if self.has_padding else None
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.pos[:, :end], k_valid
+
+    def _grow(self, layer: int, needed: int) -> None:
+        # Hybrid policy (seed 001): double, so n tokens cost O(log n) reallocations instead of n.
+        new_len = max(2 * self.k[layer].shape[2], needed)
+        for store in (self.k, self.v):
+            old = store[layer]
+            store[layer] = old.new_zeros(old.shape[:2] + (new_len, old.shape[3]))
+            store[layer][:, :, : old.shape[2]] = old
+        if self.pos.shape[1] < new_len:
+            pos, valid = self.pos, self.valid
+            self.pos = pos.new_zeros(pos.shape[0], new_len)
+            self.valid = valid.new_ones(valid.shape[0], new_len)
+            self.pos[:, : pos.shape[1]], self.valid[:, : valid.shape[1]] = pos, valid
+
+    def truncate(self, n: int) -> None:
+        _check_truncate(n, self.seen_tokens)
+        self.seen_tokens = n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+        self.pos, self.valid = self.pos.index_select(0, index), self.valid.index_select(0, index)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class RollingCache(_LayerwiseCache):
+    """A ring buffer of `window + extra` slots for sliding-window models (Mistral).
+
+    A query at position i sees keys i - window < j <= i (`masks.sees`), so older keys can be
+    overwritten. The `extra` slots cover speculative decoding: verifying k draft tokens writes k + 1
+    keys in one call, and rolling back the rejected ones must not have overwritten a key the next
+    query still needs, which holds when capacity >= window + k. A call of T tokens writes in place when
+    T + window - 1 <= capacity (every query of the call still finds its window in the ring); a longer
+    call (a long prompt) attends over the ring plus the new keys, then keeps the newest in the ring.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        extra: int = 0,
+        window: int | None = None,
+    ):
+        super().__init__(config.n_layers)
+        window = window or config.sliding_window
+        if window is None:
+            raise InputError(
+                "a rolling KV cache needs a sliding-window model — use cache='static' or 'hybrid'"
+            )
+        self.window, self.extra = window, extra
+        self.size = window + extra
+        shape = (batch_size, config.n_kv_heads, self.size, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.pos = torch.zeros(batch_size, self.size, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, self.size, dtype=torch.bool, device=device)
+
+    def _slots(self, start: int, count: int) -> torch.Tensor:
+        return torch.arange(start, start + count, device=self.pos.device) % self.size
+
+    def update(self, layer, k, v, positions, valid):
+        B, T = positions.shape
+        in_place = T + self.window - 1 <= self.size
+        keep = min(T, self.size)  # the newest `keep` keys of this call stay in the ring
+        if layer == 0:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=positions.device)
+            if not in_place:
+                self._call_pos = torch.cat((self.pos, positions), 1)
+                self._call_valid = torch.cat((self.valid, valid), 1)
+            self._write = self._slots(self.seen_tokens + T - keep, keep)
+            self.pos[:, self._write] = positions[:, T - keep :]
+            self.valid[:, self._write] = valid[:, T - keep :]
+            if in_place:
+                self._call_pos, self._call_valid = self.pos, self.valid
+        if in_place:
+            out_k, out_v = self.k[layer], self.v[layer]
+        else:
+            out_k, out_v = torch.cat((self.k[layer], k), 2), torch.cat((self.v[layer], v), 2)
+        self.k[layer].index_copy_(2, self._write, k[:, :, T - keep :])
+        self.v[layer].index_copy_(2, self._write, v[:, :, T - keep :])
+        self._finish_layer(layer, T)
+        return out_k, out_v, self._call_pos, self._call_valid
+
+    def truncate(self, n: int) -> None:
+        """Forget the newest `seen_tokens - n` writes; at most `extra + 1` can be undone without loss."""
+        _check_truncate(n, self.seen_tokens)
+        drop = self.seen_tokens - n
+        if drop > self.extra + 1 and self.seen_tokens > self.size:  # the dropped writes overwrote needed keys
+            raise InputError(
+                f"a rolling cache with {self.extra} extra slots cannot roll back {drop} tokens — "
+                "build it with extra >= the speculation depth"
+            )
+        if drop:
+            self.valid[:, self._slots(n, drop)] = False
+        self.seen_tokens = n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+        self.pos, self.valid = self.pos.index_select(0, index), self.valid.index_select(0, index)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class BlockAllocator:
+    """A free list of fixed-size KV blocks; sequences take blocks as they grow and return them when done."""
+
+    def __init__(self, n_blocks: int):
+        self.n_blocks = n_blocks
+        self._free = list(range(n_blocks - 1, -1, -1))  # pop() hands out low ids first
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.n_blocks - len(self._free)
+
+    def allocate(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class PagedCache:
+    """Keys and values in a pool of fixed-size blocks, one block table per sequence (vLLM's PagedAttention).
+
+    A sequence's slot i lives at `table[i // block_size] * block_size + i % block_size` of the pool, so
+    memory grows a block at a time and a finished sequence's blocks go straight back to the allocator.
+    The pool keeps each slot's position and validity too, which lets left-padded batches use it.
+
+    Before a model call, `bind(seq_ids)` chooses which sequences the batch rows are; `update` then
+    writes each row's new keys to its next slots (allocating blocks as needed) and gathers each row's
+    keys into a padded (B, KV, S, D) tensor for attention. The gather is what a paged-attention kernel
+    avoids on GPU; here it keeps the model's attention code unchanged.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_blocks: int,
+        block_size: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ):
+        if n_blocks <= 0 or block_size <= 0:
+            raise InputError(
+                f"paged cache needs n_blocks > 0 and block_size > 0, got {n_blocks}, {block_size}"
+            )
+        self.n_layers, self.block_size = config.n_layers, block_size
+        self.allocator = BlockAllocator(n_blocks)
+        n_slots = n_blocks * block_size
+        shape = (n_slots, config.n_kv_heads, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.slot_pos = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=device)
+        self.tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
+        self.rows: list[int] = []
+
+    # ---- sequence management ----------------------------------------------------------------
+    def add(self, seq_id: int) -> None:
+        self.tables[seq_id], self.lengths[seq_id] = [], 0
+
+    def blocks_needed(self, seq_id: int, n_new: int) -> int:
+        """Blocks a sequence must still obtain to hold `n_new` more tokens."""
+        total = self.lengths[seq_id] + n_new
+        return max(0, math.ceil(total / self.block_size) - len(self.tables[seq_id]))
+
+    def reserve(self, seq_id: int, n_new: int) -> bool:
+        """Allocate blocks so `n_new` more tokens fit; False (nothing allocated) when the pool is short."""
+        need = self.blocks_needed(seq_id, n_new)
+        if need > self.allocator.free:
+            return False
+        self.tables[seq_id].extend(self.allocator.allocate() for _ in range(need))
+        return True
+
+    def free(self, seq_id: int) -> None:
+        """Return a sequence's blocks to the pool (finished, cancelled or preempted)."""
+        self.allocator.release(self.tables.pop(seq_id, []))
+        self.lengths.pop(seq_id, None)
+
+    def bind(self, seq_ids: list[int]) -> PagedCache:
+        """Make batch row b of the next model calls be sequence `seq_ids[b]`; returns self."""
+        self.rows = list(seq_ids)
+        return self
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.lengths[self.rows[0]] if self.rows else 0
+
+    def truncate(self, n: int, seq_id: int | None = None) -> None:
+        """Keep the first `n` slots of one sequence (every bound row when `seq_id` is None); frees spare blocks."""
+        for sid in [seq_id] if seq_id is not None else self.rows:
+            _check_truncate(n, self.lengths[sid])
+            self.lengths[sid] = n
+            keep = math.ceil(n / self.block_size)
+            self.allocator.release(self.tables[sid][keep:])
+            del self.tables[sid][keep:]
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.allocator.used
+
+    def memory_bytes(self) -> int:
+        """Bytes of the blocks in use (the pool itself is preallocated once)."""
+        per_block = sum(t[0].numel() * t.element_size() for t in self.k + self.v) * self.block_size
+        return self.allocator.used * per_block
+
+    # ---- the KVCache protocol ------------------------------------------------------------------
+    def _plan(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Layer 0 of a call: reserve blocks, choose write slots, build the gather index."""
+        B, T = positions.shape
+        if len(self.rows) != B:
+            raise InputError(
+                f"paged cache is bound to {len(self.rows)} sequences but the batch has {B} rows — call bind()"
+            )
+        for sid in self.rows:
+            if not self.reserve(sid, T):
+                raise CacheFull(
+                    f"KV block pool exhausted ({self.allocator.n_blocks} blocks) — raise kv_blocks"
+                )
+        device, bs = self.slot_pos.device, self.block_size
+        starts = torch.tensor([self.lengths[sid] for sid in self.rows], device=device)
+        n_tables = max(len(self.tables[sid]) for sid in self.rows)
+        tables = torch.tensor(
+            [self.tables[sid] + [0] * (n_tables - len(self.tables[sid])) for sid in self.rows], device=device
+        )
+        S = int(starts.max()) + T
+        logical = torch.arange(S, device=device)
+        gather = tables[:, logical // bs] * bs + logical % bs  # (B, S): slot of each row's i-th key
+        new = starts[:, None] + torch.arange(T, device=device)  # (B, T) logical indices written now
+        self._write = gather.gather(1, new).reshape(-1)
+        self._gather = gather
+        self.slot_pos[self._write] = positions.reshape(-1)
+        self.slot_valid[self._write] = True if valid is None else valid.reshape(-1)
+        in_range = logical[None, :] < (starts + T)[:, None]
+        self._call_pos = self.slot_pos[gather]
+        k_valid = self.slot_valid[gather] & in_range
+        self._call_valid = None if bool(k_valid.all()) else k_valid
+        self._T = T
+
+    def update(self, layer, k, v, positions, valid):
+        if layer == 0:
+            self._plan(positions, valid)
+        B, KV, T, D = k.shape
+        S = self._gather.shape[1]
+        flat = self._gather.reshape(-1)
+        outputs = []
+        for pool, new in ((self.k[layer], k), (self.v[layer], v)):
+            pool.index_copy_(
+                0, self._write, new.transpose(1, 2).reshape(B * T, KV, D)
+            )  # (B, KV, T, D) -> (B*T, KV, D)
+            outputs.append(pool.index_select(0, flat).view(B, S, KV, D).transpose(1, 2))  # -> (B, KV, S, D)
+        if layer == self.n_layers - 1:
+            for sid in self.rows:
+                self.lengths[sid] += self._T
+        return outputs[0], outputs[1], self._call_pos, self._call_valid
+
+
+def make_cache(
+    kind: str,
+    config: ModelConfig,
+    batch_size: int,
+    max_len: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    extra: int = 0,
+    block_size: int = 16,
+):
+    """Build a cache by name for `batch_size` rows of up to `max_len` slots.
+
+    `extra` is the speculation depth a rolling cache must be able to roll back. A paged cache built
+    here gets exactly the blocks the batch needs and is bound to rows 0..B-1.
+    """
+    if kind == "dynamic":
+        return DynamicCache(config.n_layers)
+    if kind == "static":
+        return StaticCache(config, batch_size, max_len, dtype=dtype, device=device)
+    if kind == "hybrid":  # start small; doubling reaches max_len in log2 steps
+        return StaticCache(config, batch_size, min(max_len, 256), dtype=dtype, device=device, growable=True)
+    if kind == "rolling":
+        if config.sliding_window is None:
+            raise InputError("cache='rolling' needs a sliding-window model — use cache='static' or 'hybrid'")
+        return RollingCache(config, batch_size, dtype=dtype, device=device, extra=extra)
+    if kind == "paged":
+        n_blocks = batch_size * math.ceil(max_len / block_size)
+        cache = PagedCache(config, n_blocks, block_size, dtype=dtype, device=device)
+        for row in range(batch_size):
+            cache.add(row)
+        return cache.bind(list(range(batch_size)))
+    raise InputError(f"unknown cache {kind!r} — use one of {', '.join(CACHE_KINDS)}")
+
+
+def _cat_valid(old_valid, new_valid, old_pos, new_pos):
+    if old_valid is None and new_valid is None:
+        return None
+    if old_pos is None:
+        return new_valid
+    old = old_valid if old_valid is not None else torch.ones_like(old_pos, dtype=torch.bool)
+    new = new_valid if new_valid is not None else torch.ones_like(new_pos, dtype=torch.bool)
+    return torch.cat((old, new), 1)
+
+
+def _check_truncate(n: int, length: int) -> None:
+    if not 0 <= n <= length:
+        raise InputError(f"cannot truncate a cache of {length} tokens to {n} — use 0 <= n <= {length}")

@@ -1,0 +1,84 @@
+"""Weight memory layout tuned for decoding: same values, same shapes, faster matrix-vector products.
+
+Decoding one token multiplies a vector by every weight matrix, so it is bound by how fast the weights
+stream from memory (seed 002: decode is memory-bandwidth-bound). `nn.Linear` keeps W as (out, in)
+rows; BLAS libraries do not read both storage orders equally fast (on some CPUs the (in, out) order is
+markedly quicker for wide matrices such as the LM head). `optimize_for_decode` times both orders for
+each distinct weight shape of the model, on the model's own matrices so the timing streams from main
+memory as decoding does, and re-stores each group in the faster order as a transposed view of
+(in, out) storage. Parameters keep their shape, values and names; only their strides change, so the
+model still trains and saves as before. It is opt-in because it rewrites the model's storage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_TIMING_BYTES = 128 * 2**20  # stream at least this much per timing so caches cannot hold it
+
+
+def _decode_matrices(model: nn.Module) -> dict[tuple[int, int], list[nn.Parameter]]:
+    """The matrices a decode step multiplies by, grouped by shape (out, in)."""
+    groups: dict[tuple[int, int], list[nn.Parameter]] = defaultdict(list)
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            groups[tuple(module.weight.shape)].append(module.weight)
+    tok_emb = getattr(model, "tok_emb", None)
+    if getattr(model, "lm_head", None) is None and tok_emb is not None:  # tied: the embedding is the LM head
+        groups[tuple(tok_emb.weight.shape)].append(tok_emb.weight)
+    return groups
+
+
+def _time_linear(weights: list[torch.Tensor], repeats: int, scratch: torch.Tensor) -> float:
+    x = torch.randn(1, 1, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
+    best = float("inf")
+    for _ in range(repeats):
+        scratch.add_(1.0)  # evict the caches: decoding reads each matrix from main memory
+        start = time.perf_counter()
+        for w in weights:
+            F.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _is_in_out(w: torch.Tensor) -> bool:
+    return w.dim() == 2 and w.stride() == (1, w.shape[0])
+
+
+def _reordered(w: torch.Tensor, in_out: bool) -> torch.Tensor:
+    """`w` (out, in) stored as (in, out) rows (a transposed view) or as plain (out, in) rows."""
+    return w.t().contiguous().t() if in_out else w.contiguous()
+
+
+@torch.no_grad()
+def optimize_for_decode(model: nn.Module, *, repeats: int = 3, margin: float = 0.05) -> dict[str, str]:
+    """Store each weight group in the faster order for batch-1 decoding; returns {shape: "out_in" | "in_out"}.
+
+    A group switches only when the transposed order is faster by more than `margin` (5%).
+    CPU only: on GPUs the matrix kernels read either order at full speed.
+    """
+    choice: dict[str, str] = {}
+    scratch = torch.zeros(_TIMING_BYTES // 4)
+    for shape, params in _decode_matrices(model).items():
+        if params[0].device.type != "cpu":
+            continue
+        per = params[0].numel() * params[0].element_size()
+        sample = params[: max(1, min(len(params), -(-_TIMING_BYTES // per)))]
+        in_out = _is_in_out(params[0])
+        other = [_reordered(p.data, not in_out) for p in sample]
+        t_current = _time_linear([p.data for p in sample], repeats, scratch)
+        t_other = _time_linear(other, repeats, scratch)
+        del other
+        if t_other < (1 - margin) * t_current:
+            for p in params:
+                p.data = _reordered(p.data, not in_out)
+            in_out = not in_out
+        choice[f"{shape[0]}x{shape[1]}"] = "in_out" if in_out else "out_in"
+    return choice
