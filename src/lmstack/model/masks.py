@@ -16,13 +16,14 @@ def sees(
     q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool = True, window: int | None = None
 ) -> torch.Tensor:
     """Boolean visibility for broadcastable query and key positions."""
-    allowed = torch.ones(
-        torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device
-    )
-    if causal:
-        allowed &= k_pos <= q_pos
+    if not causal and window is None:
+        return torch.ones(
+            torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device
+        )
+    allowed = k_pos <= q_pos if causal else None
     if window is not None:
-        allowed &= q_pos - k_pos < window
+        in_window = q_pos - k_pos < window
+        allowed = in_window if allowed is None else allowed & in_window
     return allowed
 
 

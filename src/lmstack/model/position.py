@@ -7,6 +7,7 @@ We use the "rotate half" layout of Hugging Face checkpoints so their weights loa
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -71,12 +72,21 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, config: ModelConfig) -> tuple[torch.T
     return inv_freq, attention_factor
 
 
+@functools.lru_cache(maxsize=64)
+def _static_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    # Frozen configs hash by value, so every model with the same RoPE shares one float32 table; it is
+    # never a module buffer, so `model.to(bfloat16)` cannot round it.
+    return rope_inv_freq(config)
+
+
 def rope_cos_sin(
     config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables (B, T, head_dim) for integer positions (B, T), computed in float32."""
-    seq_len = int(positions.max()) + 1 if config.rope_scaling == "dynamic" and positions.numel() else None
-    inv_freq, scale = rope_inv_freq(config, seq_len)
+    if config.rope_scaling == "dynamic":
+        inv_freq, scale = rope_inv_freq(config, int(positions.max()) + 1 if positions.numel() else None)
+    else:
+        inv_freq, scale = _static_inv_freq(config)
     inv_freq = inv_freq.to(positions.device)
     freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
