@@ -77,32 +77,7 @@ def test_cache_length_is_the_mask_rule():
             assert cached_tokens(config, s) == visible_keys(s, window)
 
 
-# ---- a real model's K/V -------------------------------------------------------------------------
-class ListCache:
-    """The smallest dynamic cache: concatenates K/V per layer; with `keep` it drops keys older than
-    the last `keep` positions after each call (a rolling sliding-window cache)."""
-
-    def __init__(self, n_layers: int, keep: int | None = None):
-        self.k: list[torch.Tensor | None] = [None] * n_layers
-        self.v: list[torch.Tensor | None] = [None] * n_layers
-        self.pos: list[torch.Tensor | None] = [None] * n_layers
-        self.keep, self.seen_tokens = keep, 0
-
-    def update(self, layer, k, v, positions, valid):
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-            positions = torch.cat([self.pos[layer], positions], dim=1)
-        n = k.shape[2] if self.keep is None else min(self.keep, k.shape[2])
-        self.k[layer], self.v[layer], self.pos[layer] = k[:, :, -n:], v[:, :, -n:], positions[:, -n:]
-        if layer == len(self.k) - 1:
-            self.seen_tokens = int(positions.max()) + 1
-        return k, v, positions, None
-
-    def nbytes(self) -> int:
-        return nbytes(self.k) + nbytes(self.v)
-
-
+# ---- a real model's K/V, in the inference engine's caches ----------------------------------------
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_bytes_per_token_equal_a_prefilled_cache(n_kv_heads, dtype):
@@ -110,16 +85,19 @@ def test_bytes_per_token_equal_a_prefilled_cache(n_kv_heads, dtype):
 
     config = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=n_kv_heads, d_ff=48)
     model = build_model(config, seed=0, dtype=TORCH_DTYPES[dtype])
+    from lmstack.infer.cache import DynamicCache
+
     batch, s = 2, 11
-    cache = ListCache(config.n_layers)
+    cache = DynamicCache(config.n_layers)
     with torch.no_grad():
         model(torch.randint(0, 64, (batch, s)), cache=cache)
-    assert cache.nbytes() / (batch * s) == kv_cache(config, s, batch, dtype).bytes_per_token
-    assert cache.nbytes() == kv_cache(config, s, batch, dtype).bytes_per_batch
+    assert cache.memory_bytes() / (batch * s) == kv_cache(config, s, batch, dtype).bytes_per_token
+    assert cache.memory_bytes() == kv_cache(config, s, batch, dtype).bytes_per_batch
 
 
 def test_window_sized_rolling_cache_decodes_exactly():
     """Keeping only `window` tokens per sequence loses nothing: cached decode equals recomputation."""
+    from lmstack.infer.cache import RollingCache
     from lmstack.model import build_model
 
     window, prompt, steps = 4, 9, 5
@@ -128,15 +106,16 @@ def test_window_sized_rolling_cache_decodes_exactly():
     )
     model = build_model(config, seed=0, attn_impl="eager")
     ids = torch.randint(0, 64, (1, prompt + steps), generator=torch.Generator().manual_seed(1))
-    cache = ListCache(config.n_layers, keep=cached_tokens(config, 10**6))
+    cache = RollingCache(config, 1, dtype=torch.float32)  # a ring of exactly `window` slots
+    sequence_bytes = kv_cache(config, 10**6, 1, "fp32").bytes_per_sequence
     with torch.no_grad():
         full = model(ids)
         model(ids[:, :prompt], cache=cache)
-        assert cache.nbytes() == kv_cache(config, prompt, 1, "fp32").bytes_per_sequence
+        assert cache.memory_bytes() == sequence_bytes == cached_tokens(config, 10**6) * 2 * 2 * 2 * 8 * 4
         for t in range(prompt, prompt + steps):
             step = model(ids[:, t : t + 1], cache=cache)
             torch.testing.assert_close(step[:, -1], full[:, t], rtol=1e-5, atol=1e-5)
-            assert cache.nbytes() == kv_cache(config, t + 1, 1, "fp32").bytes_per_sequence
+            assert cache.memory_bytes() == sequence_bytes
 
 
 def test_dtype_sizes():

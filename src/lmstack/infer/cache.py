@@ -35,7 +35,8 @@ class CacheFull(RunError):
 
 
 class _LayerwiseCache:
-    """Bookkeeping shared by the caches: per-call positions computed once, length advanced after the last layer."""
+    """Bookkeeping shared by the caches: per-call positions computed once, length advanced after the last layer.
+    Each cache also reports `memory_bytes()`: bytes held by key/value storage (allocated, not merely used)."""
 
     def __init__(self, n_layers: int):
         self.n_layers = n_layers
@@ -44,10 +45,6 @@ class _LayerwiseCache:
     def _finish_layer(self, layer: int, T: int) -> None:
         if layer == self.n_layers - 1:
             self.seen_tokens += T
-
-    def memory_bytes(self) -> int:
-        """Bytes held by key/value storage (allocated, not merely used)."""
-        raise NotImplementedError
 
 
 class DynamicCache(_LayerwiseCache):
