@@ -31,7 +31,8 @@ class ModelConfig:
 
     Defaults describe a Llama-style model (pre-RMSNorm, SwiGLU, RoPE, no biases). `n_kv_heads` and
     `head_dim` default to `n_heads` and `d_model // n_heads` and are stored resolved, so a saved config
-    is explicit. `family` names the Hugging Face architecture used when saving a checkpoint.
+    is explicit — which means `dataclasses.replace(c, d_model=..., n_heads=...)` keeps the old head_dim
+    and KV heads: pass `head_dim=None, n_kv_heads=None` to re-derive them. `family` names the Hugging Face architecture used when saving a checkpoint.
     """
 
     vocab_size: int = 32000

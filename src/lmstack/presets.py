@@ -81,8 +81,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         _LLAMA, vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
         tie_embeddings=True, bos_id=None, eos_id=None,
     ),
+    # `small` is sized for the 10-minute CPU main job: at equal compute a 192-wide model learned faster
+    # than 256- or 384-wide ones (validation loss after ~1.3e13 FLOPs).
     "small": dict(
-        _LLAMA, vocab_size=4096, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=1024, max_seq_len=512,
+        _LLAMA, vocab_size=4096, d_model=192, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=512, max_seq_len=256,
         tie_embeddings=True, bos_id=None, eos_id=None,
     ),
 }  # fmt: skip

@@ -88,3 +88,9 @@ def test_meta_build_allocates_nothing():
     model = build_model(ModelConfig.preset("llama3-70b"), device="meta")  # 141 GB if it were real
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert model.num_parameters() > 70e9 and grown_mib < 200
+
+
+def test_replace_rederives_head_dim_only_when_asked():
+    c = ModelConfig.preset("small")
+    assert dataclasses.replace(c, d_model=384, n_heads=6, head_dim=None).head_dim == 64
+    assert dataclasses.replace(c, d_model=384, n_heads=6).head_dim == c.head_dim  # kept, as documented

@@ -69,9 +69,9 @@ def load_for_inference(path: Path, dtype: str | None = None) -> tuple[Any, Any]:
     """Model and tokenizer of a checkpoint or run folder; the model carries `tokenizer_hash`."""
     import torch
 
+    from lmstack.interop.folders import resolve_model_dir
     from lmstack.interop.hf import from_pretrained
     from lmstack.tokenizer import Tokenizer
-    from lmstack.train.checkpoint import resolve_model_dir
 
     folder = resolve_model_dir(path)
     model = from_pretrained(folder, dtype=getattr(torch, dtype) if dtype else None)

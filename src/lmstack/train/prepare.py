@@ -1,0 +1,149 @@
+"""What a run needs before its first step: the run folder, the data, the model config, the precision.
+
+`prepare_data` turns `--data` into a prepared dataset: a prepared folder is used as is; raw files (or,
+when none are given, the embedded default corpus) go through `lmstack.data.pipeline.prepare_dataset`,
+which curates them, trains the BPE tokenizer unless one is given, and writes the token shards into
+`<run>/data`. The model's vocabulary then comes from that tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmstack.atomic import atomic_write_text
+from lmstack.config import ModelConfig
+from lmstack.errors import InputError
+from lmstack.train import distributed as dist_mod
+from lmstack.train.config import TrainConfig
+from lmstack.train.distributed import DistInfo
+
+
+def resolve_run_dir(config: TrainConfig, info: DistInfo) -> Path:
+    """`config.out`, or runs/<timestamp> (chosen by rank 0); created and checked to be writable."""
+    name = config.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(dist_mod.broadcast_object(name, info)).expanduser()
+
+    def check() -> Path:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise InputError(f"output path {run_dir} is a file — choose a folder for --out")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise InputError(
+                f"cannot write to the output folder {run_dir} ({exc.strerror}) — choose a writable --out"
+            ) from None
+        return run_dir
+
+    return dist_mod.run_on_main(check, info)
+
+
+def prepare_data(config: TrainConfig, run_dir: Path, info: DistInfo) -> Any:
+    """The `DatasetInfo` to train on: a prepared dataset given as `--data`, or one the pipeline makes
+    in `run_dir/data` from the given raw files (default: the embedded corpus), rank 0 writing it."""
+    from lmstack.data.config import DataConfig
+    from lmstack.data.pipeline import is_prepared_dataset, load_dataset_info, prepare_dataset
+
+    if len(config.data) == 1 and is_prepared_dataset(config.data[0]):
+        if config.tokenizer is not None:
+            raise InputError(
+                f"{config.data[0]} is a prepared dataset, which carries its own tokenizer — drop --tokenizer "
+                "or give raw text files"
+            )
+        return load_dataset_info(config.data[0])
+    for path in config.data:
+        if not Path(path).expanduser().exists():
+            raise InputError(
+                f"data path not found: {path} — give text files or folders, or a prepared dataset folder"
+            )
+    data_config = DataConfig.from_dict(config.data_config)
+    out = run_dir / "data"
+
+    def prepare() -> Any:
+        inputs = [Path(p) for p in config.data] or default_corpus_files(
+            run_dir / "corpus", config.corpus_max_chars
+        )
+        return prepare_dataset(
+            inputs,
+            out,
+            tokenizer=config.tokenizer,
+            vocab_size=config.vocab_size,
+            config=data_config,
+            progress=config.progress,
+        )
+
+    dist_mod.run_on_main(prepare, info)  # one process writes the dataset; an error stops every rank
+    return load_dataset_info(out)
+
+
+def default_corpus_files(folder: Path, max_chars: int | None = None) -> list[Path]:
+    """The embedded default corpus as JSONL files; `max_chars` keeps a prefix of each source
+    (an equal share of the limit each) for quick smoke runs."""
+    from lmstack.data.corpus import write_default_corpus
+
+    paths = write_default_corpus(folder)
+    if max_chars is not None:
+        share = max_chars // max(1, len(paths))
+        for path in paths:
+            kept, chars = [], 0
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if chars >= share:
+                    break
+                kept.append(line)
+                chars += len(json.loads(line)["text"])
+            atomic_write_text(path, "\n".join(kept) + "\n")
+    return paths
+
+
+def model_config_for(config: TrainConfig, tokenizer: Any) -> ModelConfig:
+    """The preset with the run's overrides, its vocabulary and special ids taken from the tokenizer
+    (the preset's own ids belong to another vocabulary).
+
+    Built from the preset's table entry rather than `dataclasses.replace` on the resolved config, so
+    an override of `d_model` or `n_heads` re-derives `head_dim` (and `n_kv_heads`) unless the preset
+    or the override sets them."""
+    from lmstack.presets import PRESETS
+
+    ModelConfig.preset(config.preset)  # an unknown name raises with suggestions
+    values: dict[str, Any] = {
+        **PRESETS[config.preset],
+        "bos_id": tokenizer.bos_id,
+        "pad_id": None,
+        **config.model,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+    }
+    if config.dropout is not None:
+        values["dropout"] = config.dropout
+    try:
+        return ModelConfig(name=config.preset, **values)
+    except TypeError as exc:
+        raise InputError(f"bad model override: {exc} — check the `model` section of the config") from None
+
+
+def config_hash(model_config: ModelConfig) -> str:
+    data = {k: v for k, v in model_config.to_dict().items() if k not in ("name", "dropout")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def precision_for(config: TrainConfig, device: torch.device) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
