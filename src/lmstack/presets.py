@@ -14,7 +14,9 @@ _GPT2 = dict(
     position="learned", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
     bos_id=50256, eos_id=50256,
 )  # fmt: skip
-_LLAMA = dict(family="llama", vocab_size=32000, norm="rmsnorm", mlp="swiglu", position="rope", bos_id=1, eos_id=2)
+_LLAMA = dict(
+    family="llama", vocab_size=32000, norm="rmsnorm", mlp="swiglu", position="rope", bos_id=1, eos_id=2
+)
 _LLAMA3 = dict(_LLAMA, vocab_size=128256, rope_theta=500000.0, bos_id=128000, eos_id=128001)
 
 PRESETS: dict[str, dict[str, Any]] = {
