@@ -74,3 +74,29 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     fsync_path(final_dir.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder below `folder`, then `folder` itself (files before their folders)."""
+    for path in sorted(Path(folder).rglob("*"), reverse=True):
+        fsync_path(path)
+    fsync_path(folder)
+
+
+def writable_dir(path: str | Path) -> Path:
+    """Create `path` if needed and prove it writable, or raise an InputError naming it and the fix."""
+    from lmstack.errors import InputError
+
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path {out} is a file — choose a folder for --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(
+            f"cannot write to the output folder {out} ({exc.strerror}) — choose a writable --out"
+        ) from None
+    return out

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lmstack.atomic import replace_dir
+from lmstack.atomic import replace_dir, writable_dir
 from lmstack.data.config import DataConfig
 from lmstack.data.decontaminate import build_eval_index, decontaminate
 from lmstack.data.dedup import remove_exact_duplicates, remove_near_duplicates
@@ -212,7 +212,7 @@ def prepare_dataset(
     """
     config = config or DataConfig()
     say = (lambda message: print(f"data: {message}", file=sys.stderr)) if progress else (lambda message: None)
-    out = _writable_dir(out_dir)
+    out = writable_dir(out_dir)
     files = discover_files(list(inputs), exclude=out.resolve())
     explicit = {Path(p).expanduser() for p in inputs if Path(p).expanduser().is_file()}
     eval_files = discover_files(list(eval_sets)) if eval_sets else []
@@ -325,22 +325,6 @@ def _write_split(
         "text_bytes": sum(text_bytes(d) for d in docs),
         "dtype": header.dtype.name,
     }
-
-
-def _writable_dir(out_dir: Path | str) -> Path:
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path {out} is a file — choose a folder for --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(
-            f"cannot write to the output folder {out} ({exc.strerror}) — choose a writable --out"
-        ) from exc
-    return out
 
 
 def _file_records(files: list[InputFile]) -> list[dict[str, Any]]:

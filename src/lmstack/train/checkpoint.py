@@ -18,10 +18,8 @@ deleted only after the new pointer is in place.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmstack.atomic import atomic_write_text, replace_dir
+from lmstack.atomic import atomic_write_text, fsync_tree, replace_dir
 from lmstack.errors import InputError
 from lmstack.interop.folders import CHECKPOINTS, LATEST, STEP_DIR, latest_checkpoint
 
@@ -79,7 +77,7 @@ def save_checkpoint(
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, **trainer_state, "step": step}
     state["files"] = {rel: _sha256(tmp / rel) for rel in _files(tmp) if rel != STATE_JSON}
     (tmp / STATE_JSON).write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     _stage(on_stage, "written", tmp)
     replace_dir(tmp, final)
     _stage(on_stage, "renamed", final)
@@ -121,25 +119,6 @@ def _sha256(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------- reading
 
 
 def read_trainer_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lmstack.atomic import atomic_write_text
+from lmstack.atomic import atomic_write_text, writable_dir
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
 from lmstack.train import distributed as dist_mod
@@ -31,21 +31,7 @@ def resolve_run_dir(config: TrainConfig, info: DistInfo) -> Path:
     name = config.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(dist_mod.broadcast_object(name, info)).expanduser()
 
-    def check() -> Path:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise InputError(f"output path {run_dir} is a file — choose a folder for --out")
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test.tmp"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise InputError(
-                f"cannot write to the output folder {run_dir} ({exc.strerror}) — choose a writable --out"
-            ) from None
-        return run_dir
-
-    return dist_mod.run_on_main(check, info)
+    return dist_mod.run_on_main(lambda: writable_dir(run_dir), info)
 
 
 def prepare_data(config: TrainConfig, run_dir: Path, info: DistInfo) -> Any:
