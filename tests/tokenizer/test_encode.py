@@ -28,7 +28,9 @@ if SHAKESPEARE.is_file():
 else:  # without ../shared, English prose of the same size from the installed Python's own docs
     import pydoc_data.topics
 
-    CORPUS.append("\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))[:100_000])
+    CORPUS.append(
+        "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))[:100_000]
+    )
 
 # strings that stress byte-level round trips: emoji (ZWJ, skin tone, flags), CJK, combining marks,
 # control characters, odd whitespace, and specials' pieces
