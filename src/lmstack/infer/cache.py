@@ -46,6 +46,24 @@ class _LayerwiseCache:
         if layer == self.n_layers - 1:
             self.seen_tokens += T
 
+    # Subclasses keep per-layer `k`, `v` lists (entries may be None before the first call) and
+    # `pos`/`valid` (B, S) tensors (`valid` None when every slot is real).
+    k: list[torch.Tensor | None]
+    v: list[torch.Tensor | None]
+    pos: torch.Tensor | None
+    valid: torch.Tensor | None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows become `index`-selected rows (beam search); `index` may repeat rows or change the batch size."""
+        self.k = [None if t is None else t.index_select(0, index) for t in self.k]
+        self.v = [None if t is None else t.index_select(0, index) for t in self.v]
+        if self.pos is not None:
+            self.pos = self.pos.index_select(0, index)
+            self.valid = None if self.valid is None else self.valid.index_select(0, index)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
 
 class DynamicCache(_LayerwiseCache):
     """Grows by concatenation along the sequence axis: no maximum length, a reallocation per step."""
@@ -79,17 +97,6 @@ class DynamicCache(_LayerwiseCache):
             self.pos = self.pos[:, :n]
             self.valid = None if self.valid is None else self.valid[:, :n]
         self.seen_tokens = n
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Rows become `index`-selected rows (beam search); `index` may repeat rows or change the batch size."""
-        self.k = [None if t is None else t.index_select(0, index) for t in self.k]
-        self.v = [None if t is None else t.index_select(0, index) for t in self.v]
-        if self.pos is not None:
-            self.pos = self.pos.index_select(0, index)
-            self.valid = None if self.valid is None else self.valid.index_select(0, index)
-
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 class StaticCache(_LayerwiseCache):
@@ -161,14 +168,6 @@ class StaticCache(_LayerwiseCache):
     def truncate(self, n: int) -> None:
         _check_truncate(n, self.seen_tokens)
         self.seen_tokens = n
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
-        self.pos, self.valid = self.pos.index_select(0, index), self.valid.index_select(0, index)
-
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class RollingCache(_LayerwiseCache):
@@ -245,14 +244,6 @@ class RollingCache(_LayerwiseCache):
         if drop:
             self.valid[:, self._slots(n, drop)] = False
         self.seen_tokens = n
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
-        self.pos, self.valid = self.pos.index_select(0, index), self.valid.index_select(0, index)
-
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class BlockAllocator:
