@@ -23,6 +23,14 @@ from lmstack.train import train
 from lmstack.train.metrics import read_metrics
 
 
+def torchrun_lmstack(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 --module lmstack ARGS`, one thread per process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["--module", "lmstack", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(make_config, tmp_path):
     common = dict(dropout=0.0, max_steps=8, checkpoint_interval=100, eval_interval=4)
@@ -31,20 +39,7 @@ def test_two_processes_match_one(make_config, tmp_path):
     config = make_config(tmp_path / "ddp", micro_batch_size=4, **common)  # 1 half on each process
     path = tmp_path / "ddp.json"
     path.write_text(config.to_json())
-    script = tmp_path / "lmstack_main.py"
-    script.write_text("import sys\nfrom lmstack.cli import main\nsys.exit(main())\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
-    command += ["train", "--config", str(path), "--quiet"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    done = torchrun_lmstack(["train", "--config", str(path), "--quiet"], timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[:6000]
 
     a = read_metrics(single.run_dir / "metrics.jsonl")
@@ -68,20 +63,7 @@ def test_bad_input_under_torchrun_stops_every_rank_with_one_message(tmp_path):
     """Rank 0 prepares the data; its error reaches rank 1 instead of leaving it at a barrier."""
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    script = tmp_path / "lmstack_main.py"
-    script.write_text("import sys\nfrom lmstack.cli import main\nsys.exit(main())\n")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
-    command += ["train", "--data", str(empty), "--out", str(tmp_path / "run"), "--max-steps", "2", "--quiet"]
-    done = subprocess.run(
-        command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120
-    )
+    args = ["train", "--data", str(empty), "--out", str(tmp_path / "run"), "--max-steps", "2", "--quiet"]
+    done = torchrun_lmstack(args, timeout=120)
     assert done.returncode != 0
     assert done.stderr.count("lmstack: error: no text found in the inputs") == 2, done.stderr[-2000:]
