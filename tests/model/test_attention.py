@@ -9,7 +9,7 @@ import torch
 
 from lmstack.model.attention import attend
 from lmstack.model.flash import flash_attention
-from lmstack.model.masks import attention_mask, sees
+from lmstack.model.masks import attention_mask, sees, visibility
 from lmstack.model.position import alibi_slopes
 
 
@@ -166,3 +166,43 @@ def test_flash_saves_linear_memory_eager_quadratic():
     assert eager_growth >= 12, f"eager should keep the (s × s) weights: grew only {eager_growth:.1f}x"
     s_by_s = large * large * 2 * 4  # one fp32 score matrix per head
     assert saved_bytes_for_backward("flash", large) < s_by_s / 4
+
+
+def test_visibility_drops_masks_that_hide_nothing():
+    # a decode query at the newest position sees every cached key: no mask, no zeroing
+    mask, seen = visibility(torch.tensor([[5]]), torch.arange(6)[None], None)
+    assert mask is None and seen is None
+    # an invalid key hides something, but every query still sees a key: a mask, no zeroing
+    pos, valid = torch.arange(3)[None], torch.tensor([[True, False, True]])
+    mask, seen = visibility(pos, pos, valid)
+    assert seen is None and mask.tolist() == attention_mask(pos, pos, valid).tolist()
+    # queries before every key see nothing: they may attend anywhere (a finite softmax), then are zeroed
+    q_pos, k_pos = torch.tensor([[0, 1, 2]]), torch.tensor([[5, 6, 7]])
+    mask, seen = visibility(q_pos, k_pos, None)
+    assert not seen.any() and mask.all()
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    for impl in ("eager", "sdpa"):
+        out, _ = attend(q, k, v, q_pos, k_pos, None, impl=impl)
+        assert (out == 0).all()
+
+
+def test_all_layers_of_a_forward_share_one_mask(monkeypatch):
+    from lmstack.config import ModelConfig
+    from lmstack.infer.cache import make_cache
+    from lmstack.model import attention as attention_module
+    from lmstack.model import build_model
+
+    config = ModelConfig(
+        family="llama", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64
+    )
+    model = build_model(config, seed=0).eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    expected = model(ids, attention_mask=pad)
+    builds = []
+    real = attention_module.visibility
+    monkeypatch.setattr(attention_module, "visibility", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    cache = make_cache("static", config, 2, 8, dtype=next(model.parameters()).dtype)
+    got = model(ids, attention_mask=pad, cache=cache)
+    assert len(builds) == 1, "one mask for the three layers of one call"
+    torch.testing.assert_close(got, expected)

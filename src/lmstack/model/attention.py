@@ -11,6 +11,7 @@ flash.py). All three take positions, not masks, and build what they need from `m
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
 from lmstack.model.flash import flash_attention
-from lmstack.model.masks import attention_mask
+from lmstack.model.masks import visibility
 from lmstack.model.position import apply_rope
 
 ATTN_IMPLS = ("eager", "sdpa", "flash")
@@ -68,11 +69,13 @@ def attend(
     alibi_slopes: torch.Tensor | None = None,
     plain_causal: bool = False,
     return_weights: bool = False,
+    masks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q (B, H, T, D) over k, v (B, KV, S, D); returns ((B, H, T, D), weights or None).
 
     `plain_causal` promises that queries and keys are the same positions 0..T-1 with no padding,
     which lets `sdpa` use its mask-free causal kernel. A query that sees no key outputs zeros.
+    `masks` is `masks.visibility(q_pos, k_pos, k_valid, ...)` when the caller already built it.
     """
     scale = q.shape[-1] ** -0.5
     if impl == "flash":
@@ -91,28 +94,68 @@ def attend(
         return out, None
     if impl == "sdpa" and plain_causal and causal and window is None and alibi_slopes is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), None
-    mask = attention_mask(q_pos, k_pos, k_valid, causal=causal, window=window)  # (B, 1, T, S)
-    seen = mask.any(-1, keepdim=True)  # (B, 1, T, 1)
-    mask = mask | ~seen  # let an isolated query attend somewhere finite; its output is zeroed below
+    if masks is None:
+        masks = visibility(q_pos, k_pos, k_valid, causal=causal, window=window)
+    mask, seen = masks
     bias = None
     if alibi_slopes is not None:
         distance = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).to(q.dtype)  # (B, 1, T, S)
         bias = -alibi_slopes.to(q.device, q.dtype)[None, :, None, None] * distance  # (B, H, T, S)
     if impl == "sdpa":
-        attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
+        attn_mask = mask
+        if bias is not None:
+            attn_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
-        return out * seen.to(out.dtype), None
-    # eager: the formula, with the query heads grouped so K/V broadcast instead of repeating.
+        return (out if seen is None else out * seen.to(out.dtype)), None
+    # eager: the formula. The G query heads sharing a key/value head are stacked as G·T rows, so each
+    # K/V head is multiplied once, neither repeated nor broadcast (a broadcast matmul copies it G times).
     B, H, T, D = q.shape
     n_kv = k.shape[1]
-    qg = q.reshape(B, n_kv, H // n_kv, T, D)
-    scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * scale  # (B, KV, G, T, S)
-    scores = scores.reshape(B, H, T, -1)
+    qg = q.reshape(B, n_kv, (H // n_kv) * T, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # (B, KV, G·T, S)
+    scores = scores.view(B, H, T, -1)
     if bias is not None:
         scores = scores + bias
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) * seen.to(scores.dtype)
-    out = torch.matmul(weights.reshape(B, n_kv, H // n_kv, T, -1), v[:, :, None]).reshape(B, H, T, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    if seen is not None:
+        weights = weights * seen.to(scores.dtype)
+    out = torch.matmul(weights.reshape(B, n_kv, (H // n_kv) * T, -1), v).reshape(B, H, T, -1)
     return out, (weights if return_weights else None)
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward call shares: query positions and validity, the RoPE tables or
+    ALiBi slopes, the cache, and the attention mask, which is built by the first layer and reused."""
+
+    positions: torch.Tensor
+    valid: torch.Tensor | None
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    alibi: torch.Tensor | None
+    cache: KVCache | None
+    plain_causal: bool
+    _masks: list = field(default_factory=list)
+
+    def masks(
+        self, k_pos: torch.Tensor, k_valid: torch.Tensor | None, window: int | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`masks.visibility` for this call's queries. The KVCache protocol gives every layer of a call
+        the same key positions, so one build serves all layers; the entry keeps its inputs alive so a
+        reused address cannot alias a different tensor."""
+        for pos, valid, win, built in self._masks:
+            if _same(pos, k_pos) and _same(valid, k_valid) and win == window:
+                return built
+        built = visibility(self.positions, k_pos, k_valid, window=window)
+        self._masks.append((k_pos, k_valid, window, built))
+        return built
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
 
 
 class Attention(nn.Module):
@@ -127,32 +170,34 @@ class Attention(nn.Module):
         self.last_weights: torch.Tensor | None = None  # filled when `store_weights` is set (eager only)
         self.store_weights = False
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        valid: torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        alibi_slopes: torch.Tensor | None,
-        cache: KVCache | None,
-        plain_causal: bool,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
-        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, T, H*D) -> (B, H, T, D)
-        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k_pos, k_valid = positions, valid
-        if cache is not None:
-            k, v, k_pos, k_valid = cache.update(self.layer, k, v, positions, valid)
+        H, KV = c.n_heads, c.n_kv_heads
+        qkv = self.qkv(x).view(B, T, H + 2 * KV, c.head_dim)
+        if ctx.rope is not None:  # rotate queries and keys in one pass, before splitting them
+            qk = apply_rope(qkv[:, :, : H + KV], *ctx.rope)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q, k = qkv[:, :, :H], qkv[:, :, H : H + KV]
+        v = qkv[:, :, H + KV :]
+        q, k, v = (
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+        )  # (B, T, heads, D) -> (B, heads, T, D)
+        k_pos, k_valid, plain_causal = ctx.positions, ctx.valid, ctx.plain_causal
+        if ctx.cache is not None:
+            k, v, k_pos, k_valid = ctx.cache.update(self.layer, k, v, ctx.positions, ctx.valid)
             plain_causal = False
         impl = "eager" if self.store_weights else self.attn_impl
+        masks = None
+        if impl != "flash" and not plain_causal:
+            masks = ctx.masks(k_pos, k_valid, c.sliding_window)
         y, weights = attend(
-            q, k, v, positions, k_pos, k_valid, impl=impl, window=c.sliding_window,
-            alibi_slopes=alibi_slopes, plain_causal=plain_causal, return_weights=self.store_weights,
+            q, k, v, ctx.positions, k_pos, k_valid, impl=impl, window=c.sliding_window,
+            alibi_slopes=ctx.alibi, plain_causal=plain_causal, return_weights=self.store_weights,
+            masks=masks,
         )  # fmt: skip
         self.last_weights = weights
         return self.out(y.transpose(1, 2).reshape(B, T, c.q_dim))

@@ -47,6 +47,30 @@ def attention_mask(
     return allowed[:, None]
 
 
+def visibility(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor | None,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The mask attention applies, in its cheapest form: (mask (B, 1, T, S) or None, seen (B, 1, T, 1) or None).
+
+    `mask` is None when every query sees every key (a decode step without padding), which lets the
+    kernels skip masking. `seen` marks queries that see at least one key; it is None when all do. A
+    query that sees nothing is allowed to attend everywhere, so its softmax stays finite, and the
+    caller zeroes its output with `seen`. Two host syncs (`.all()`) decide the cheap cases.
+    """
+    mask = attention_mask(q_pos, k_pos, k_valid, causal=causal, window=window)
+    if bool(mask.all()):
+        return None, None
+    seen = mask.any(-1, keepdim=True)
+    if bool(seen.all()):
+        return mask, None
+    return mask | ~seen, seen
+
+
 def positions_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions (B, T) for a left-padded batch: each sequence counts from 0 at its first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

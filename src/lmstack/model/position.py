@@ -94,8 +94,8 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles behind cos/sin (B, T, D)."""
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    """Rotate x (B, T, heads, D) by the angles behind cos/sin (B, T, D), the same for every head."""
+    cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

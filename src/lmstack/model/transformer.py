@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
-from lmstack.model.attention import Attention, KVCache, check_attn_impl
+from lmstack.model.attention import Attention, ForwardContext, KVCache, check_attn_impl
 from lmstack.model.masks import positions_from_padding
 from lmstack.model.mlp import MLP
 from lmstack.model.moe import MoE, load_balancing_loss
@@ -32,28 +32,15 @@ class Block(nn.Module):
         self.attn = Attention(config, layer, attn_impl)
         self.mlp_norm = Norm(config)
         self.mlp = MoE(config) if config.is_moe else MLP(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        valid: torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        alibi: torch.Tensor | None,
-        cache: KVCache | None,
-        plain_causal: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         router_logits = None
         if self.pre_norm:
-            x = x + self.drop(
-                self.attn(self.attn_norm(x), positions, valid, rope, alibi, cache, plain_causal)
-            )
+            x = x + self.drop(self.attn(self.attn_norm(x), ctx))
             h = self.mlp(self.mlp_norm(x))
         else:
-            x = self.attn_norm(
-                x + self.drop(self.attn(x, positions, valid, rope, alibi, cache, plain_causal))
-            )
+            x = self.attn_norm(x + self.drop(self.attn(x, ctx)))
             h = self.mlp(x)
         if isinstance(h, tuple):
             h, router_logits = h
@@ -71,7 +58,7 @@ class Transformer(nn.Module):
         self.pos_emb = (
             nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
         )
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(config, i, attn_impl) for i in range(config.n_layers))
         self.norm = Norm(config)
         self.lm_head = (
@@ -169,13 +156,13 @@ class Transformer(nn.Module):
         rope = rope_cos_sin(c, positions, dtype=x.dtype) if c.position == "rope" else None
         alibi = alibi_slopes(c.n_heads).to(x.device) if c.position == "alibi" else None
 
+        ctx = ForwardContext(positions, valid, rope, alibi, cache, plain_causal)
         router_logits = []
         for block in self.blocks:
-            args = (positions, valid, rope, alibi, cache, plain_causal)
             if self.gradient_checkpointing and self.training and cache is None:
-                x, logits = checkpoint(block, x, *args, use_reentrant=False)
+                x, logits = checkpoint(block, x, ctx, use_reentrant=False)
             else:
-                x, logits = block(x, *args)
+                x, logits = block(x, ctx)
             if logits is not None:
                 router_logits.append(logits)
         self.aux_loss = (
