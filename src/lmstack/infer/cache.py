@@ -297,7 +297,8 @@ class PagedCache:
         self.n_layers, self.block_size = config.n_layers, block_size
         self.allocator = BlockAllocator(n_blocks)
         n_slots = n_blocks * block_size
-        shape = (n_slots, config.n_kv_heads, config.head_dim)
+        # (block, slot in block, KV, D): a sequence's keys are gathered a whole block at a time
+        shape = (n_blocks, block_size, config.n_kv_heads, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.slot_pos = torch.zeros(n_slots, dtype=torch.long, device=device)
@@ -352,12 +353,12 @@ class PagedCache:
 
     def memory_bytes(self) -> int:
         """Bytes of the blocks in use (the pool itself is preallocated once)."""
-        per_block = sum(t[0].numel() * t.element_size() for t in self.k + self.v) * self.block_size
+        per_block = sum(t[0].numel() * t.element_size() for t in self.k + self.v)
         return self.allocator.used * per_block
 
     # ---- the KVCache protocol ------------------------------------------------------------------
     def _plan(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Layer 0 of a call: reserve blocks, choose write slots, build the gather index."""
+        """Layer 0 of a call: reserve blocks, choose write slots, and list each row's blocks to gather."""
         B, T = positions.shape
         if len(self.rows) != B:
             raise InputError(
@@ -369,37 +370,37 @@ class PagedCache:
                     f"KV block pool exhausted ({self.allocator.n_blocks} blocks) — raise kv_blocks"
                 )
         device, bs = self.slot_pos.device, self.block_size
-        starts = torch.tensor([self.lengths[sid] for sid in self.rows], device=device)
+        lengths = [self.lengths[sid] for sid in self.rows]
         n_tables = max(len(self.tables[sid]) for sid in self.rows)
+        # short rows borrow block 0 to fill the table; those slots lie past the row's length, masked below
         tables = torch.tensor(
             [self.tables[sid] + [0] * (n_tables - len(self.tables[sid])) for sid in self.rows], device=device
         )
-        S = int(starts.max()) + T
-        logical = torch.arange(S, device=device)
-        gather = tables[:, logical // bs] * bs + logical % bs  # (B, S): slot of each row's i-th key
+        starts = torch.tensor(lengths, device=device)
         new = starts[:, None] + torch.arange(T, device=device)  # (B, T) logical indices written now
-        self._write = gather.gather(1, new).reshape(-1)
-        self._gather = gather
+        self._write = (tables.gather(1, new // bs) * bs + new % bs).reshape(-1)
         self.slot_pos[self._write] = positions.reshape(-1)
         self.slot_valid[self._write] = True if valid is None else valid.reshape(-1)
-        in_range = logical[None, :] < (starts + T)[:, None]
-        self._call_pos = self.slot_pos[gather]
-        k_valid = self.slot_valid[gather] & in_range
+        # gather whole blocks, then keep the columns up to the longest row (a single row: exactly its keys)
+        S = max(lengths) + T
+        self._blocks = tables.reshape(-1)
+        slot_pos, slot_valid = self.slot_pos.view(-1, bs), self.slot_valid.view(-1, bs)
+        self._call_pos = slot_pos[self._blocks].view(B, -1)[:, :S]
+        in_range = torch.arange(S, device=device)[None, :] < (starts + T)[:, None]
+        k_valid = slot_valid[self._blocks].view(B, -1)[:, :S] & in_range
         self._call_valid = None if bool(k_valid.all()) else k_valid
-        self._T = T
+        self._S, self._T = S, T
 
     def update(self, layer, k, v, positions, valid):
         if layer == 0:
             self._plan(positions, valid)
         B, KV, T, D = k.shape
-        S = self._gather.shape[1]
-        flat = self._gather.reshape(-1)
         outputs = []
         for pool, new in ((self.k[layer], k), (self.v[layer], v)):
-            pool.index_copy_(
-                0, self._write, new.transpose(1, 2).reshape(B * T, KV, D)
-            )  # (B, KV, T, D) -> (B*T, KV, D)
-            outputs.append(pool.index_select(0, flat).view(B, S, KV, D).transpose(1, 2))  # -> (B, KV, S, D)
+            flat = pool.view(-1, KV, D)  # (slots, KV, D)
+            flat.index_copy_(0, self._write, new.transpose(1, 2).reshape(B * T, KV, D))
+            rows = pool.index_select(0, self._blocks).view(B, -1, KV, D)[:, : self._S]  # (B, S, KV, D)
+            outputs.append(rows.transpose(1, 2))  # -> (B, KV, S, D)
         if layer == self.n_layers - 1:
             for sid in self.rows:
                 self.lengths[sid] += self._T
