@@ -23,15 +23,20 @@ def _draft_of(target, make_tiny, noise: float, seed: int = 11, **overrides):
     return draft
 
 
-@pytest.mark.parametrize(("k", "cache"), [(1, "static"), (3, "dynamic"), (5, "hybrid"), (4, "paged")])
-def test_greedy_speculative_is_identical_to_target(make_tiny, k, cache):
+@pytest.mark.parametrize(
+    ("k", "cache", "penalty"),
+    [(1, "static", 1.0), (3, "dynamic", 1.0), (5, "hybrid", 1.0), (4, "paged", 1.0), (3, "static", 1.3)],
+)
+def test_greedy_speculative_is_identical_to_target(make_tiny, k, cache, penalty):
+    # penalty != 1 takes the per-row path (the choice depends on the tokens accepted so far)
     target = make_tiny(seed=1)
     draft = _draft_of(target, make_tiny, noise=0.08)
     prompts = [[1, 5, 9, 22], [40, 2, 2, 7, 13, 8, 30]]
-    plain = generate(target, prompts, max_new_tokens=25, stop_ids=())
+    plain = generate(target, prompts, max_new_tokens=25, stop_ids=(), repetition_penalty=penalty)
     got = generate(
-        target, prompts, max_new_tokens=25, stop_ids=(), draft=draft, speculate_k=k, cache=cache, details=True
-    )
+        target, prompts, max_new_tokens=25, stop_ids=(), draft=draft, speculate_k=k, cache=cache, details=True,
+        repetition_penalty=penalty,
+    )  # fmt: skip
     assert [g.tokens for g in got] == plain
     rates = [g.stats["acceptance_rate"] for g in got]
     assert all(0.0 < r < 1.0 for r in rates), rates  # some proposals accepted, some rejected
