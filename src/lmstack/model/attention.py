@@ -181,19 +181,18 @@ class Attention(nn.Module):
         else:
             q, k = qkv[:, :, :H], qkv[:, :, H : H + KV]
         v = qkv[:, :, H + KV :]
-        q, k, v = (
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-        )  # (B, T, heads, D) -> (B, heads, T, D)
+        # (B, T, heads, D) -> (B, heads, T, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         k_pos, k_valid, plain_causal = ctx.positions, ctx.valid, ctx.plain_causal
         if ctx.cache is not None:
             k, v, k_pos, k_valid = ctx.cache.update(self.layer, k, v, ctx.positions, ctx.valid)
             plain_causal = False
         impl = "eager" if self.store_weights else self.attn_impl
-        masks = None
-        if impl != "flash" and not plain_causal:
-            masks = ctx.masks(k_pos, k_valid, c.sliding_window)
+        # flash builds its masks per tile; sdpa's causal kernel needs none
+        mask_free = impl == "flash" or (
+            impl == "sdpa" and plain_causal and c.sliding_window is None and ctx.alibi is None
+        )
+        masks = None if mask_free else ctx.masks(k_pos, k_valid, c.sliding_window)
         y, weights = attend(
             q, k, v, ctx.positions, k_pos, k_valid, impl=impl, window=c.sliding_window,
             alibi_slopes=ctx.alibi, plain_causal=plain_causal, return_weights=self.store_weights,
