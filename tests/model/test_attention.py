@@ -206,3 +206,24 @@ def test_all_layers_of_a_forward_share_one_mask(monkeypatch):
     got = model(ids, attention_mask=pad, cache=cache)
     assert len(builds) == 1, "one mask for the three layers of one call"
     torch.testing.assert_close(got, expected)
+
+
+def test_masked_forward_traces_as_one_graph_under_compile():
+    # visibility's cheap-case branches depend on data; under torch.compile they must step aside
+    from lmstack.config import ModelConfig
+    from lmstack.model import build_model
+
+    config = ModelConfig(
+        family="mistral",
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        sliding_window=4,
+    )
+    model = build_model(config, seed=0)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(ids), model(ids))

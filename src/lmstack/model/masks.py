@@ -60,9 +60,13 @@ def visibility(
     `mask` is None when every query sees every key (a decode step without padding), which lets the
     kernels skip masking. `seen` marks queries that see at least one key; it is None when all do. A
     query that sees nothing is allowed to attend everywhere, so its softmax stays finite, and the
-    caller zeroes its output with `seen`. Two host syncs (`.all()`) decide the cheap cases.
+    caller zeroes its output with `seen`. Two host syncs (`.all()`) decide the cheap cases; under
+    `torch.compile` they are skipped, since a data-dependent branch would break the graph.
     """
     mask = attention_mask(q_pos, k_pos, k_valid, causal=causal, window=window)
+    if torch.compiler.is_compiling():
+        seen = mask.any(-1, keepdim=True)
+        return mask | ~seen, seen
     if bool(mask.all()):
         return None, None
     seen = mask.any(-1, keepdim=True)
