@@ -331,6 +331,8 @@ def main() -> None:
         help="batch limit of both engine and static batching (default 8, the Engine's)",
     )
     args = parser.parse_args()
+    if args.max_batch < 1 or args.threads < 1:
+        parser.error("--max-batch and --threads must be positive integers")
     torch.set_num_threads(args.threads)
     CACHE.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -28,7 +28,7 @@ def _draft_of(target, make_tiny, noise: float, seed: int = 11, **overrides):
     [(1, "static", 1.0), (3, "dynamic", 1.0), (5, "hybrid", 1.0), (4, "paged", 1.0), (3, "static", 1.3)],
 )
 def test_greedy_speculative_is_identical_to_target(make_tiny, k, cache, penalty):
-    # penalty != 1 takes the per-row path (the choice depends on the tokens accepted so far)
+    # with a repetition penalty each verified row's choice depends on the tokens accepted before it
     target = make_tiny(seed=1)
     draft = _draft_of(target, make_tiny, noise=0.08)
     prompts = [[1, 5, 9, 22], [40, 2, 2, 7, 13, 8, 30]]

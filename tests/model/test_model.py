@@ -141,3 +141,27 @@ def test_layernorm_with_unit_offset_runs_in_bfloat16():
     config = dataclasses.replace(BASE, norm="layernorm", norm_unit_offset=True)
     model = build_model(config, seed=0, dtype=torch.bfloat16)
     assert model(torch.randint(0, 97, (1, 8))).dtype == torch.bfloat16
+
+
+def test_all_layers_of_a_forward_share_one_mask(monkeypatch):
+    from lmstack.infer.cache import make_cache
+    from lmstack.model import attention
+
+    model = build_model(BASE, seed=0).eval()
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    expected = model(ids, attention_mask=pad)
+    builds = []
+    real = attention.visibility
+    monkeypatch.setattr(attention, "visibility", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    got = model(ids, attention_mask=pad, cache=make_cache("static", BASE, 2, 8, dtype=torch.float32))
+    assert len(builds) == 1, "one mask for both layers of one call"
+    torch.testing.assert_close(got, expected)
+
+
+def test_masked_forward_traces_as_one_graph_under_compile():
+    # visibility's cheap-case branches depend on data; under torch.compile they must step aside
+    model = build_model(VARIANTS["mqa_window"], seed=0)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(ids), model(ids))

@@ -134,29 +134,24 @@ def speculative_generate(
         target_logits = _forward(target, [seq[-1]] + proposals, n - 1, target_cache)  # (k_round + 1, V)
         target_calls += 1
         proposed += k_round
-        if params.greedy and not params.needs_history:  # plain greedy: every row's choice in one op
-            new = _accept_greedy(proposals, target_logits.argmax(-1).tolist())
-        else:
-            new = []
-            for i in range(k_round + 1):
-                p = _distribution(sampler, target_logits[i], seq + new)
-                if i == k_round:  # every proposal accepted: the target's next token comes free
-                    new.append(int(torch.argmax(p)) if params.greedy else chooser.categorical(p))
-                    break
-                d = proposals[i]
-                if params.greedy:
-                    keep = d == int(torch.argmax(p))
-                else:
-                    keep = chooser.bernoulli(acceptance_probability(p, q[i], d))
-                if keep:
-                    new.append(d)
-                    continue
-                new.append(
-                    int(torch.argmax(p))
-                    if params.greedy
-                    else chooser.categorical(residual_distribution(p, q[i]))
-                )
+        new = []
+        for i in range(k_round + 1):
+            p = _distribution(sampler, target_logits[i], seq + new)
+            if i == k_round:  # every proposal accepted: the target's next token comes free
+                new.append(int(torch.argmax(p)) if params.greedy else chooser.categorical(p))
                 break
+            d = proposals[i]
+            if params.greedy:
+                keep = d == int(torch.argmax(p))
+            else:
+                keep = chooser.bernoulli(acceptance_probability(p, q[i], d))
+            if keep:
+                new.append(d)
+                continue
+            new.append(
+                int(torch.argmax(p)) if params.greedy else chooser.categorical(residual_distribution(p, q[i]))
+            )
+            break
         n_accepted = len(new) - 1
         accepted += n_accepted
 
@@ -192,18 +187,6 @@ def speculative_generate(
         "target_calls": target_calls,
     }
     return result
-
-
-def _accept_greedy(proposals: list[int], choices: list[int]) -> list[int]:
-    """The tokens a greedy round emits: proposals while they equal the target's choices, then the target's
-    choice at the first disagreement (or after the last proposal)."""
-    new = []
-    for proposal, choice in zip(proposals, choices):
-        new.append(choice)
-        if proposal != choice:
-            return new
-    new.append(choices[len(proposals)])
-    return new
 
 
 def _forward(model: torch.nn.Module, tokens: list[int], start: int, cache) -> torch.Tensor:

@@ -136,19 +136,20 @@ class ForwardContext:
     alibi: torch.Tensor | None
     cache: KVCache | None
     plain_causal: bool
-    _masks: list = field(default_factory=list)
+    _masks: tuple | None = field(default=None, repr=False)  # (k_pos, k_valid, window, built)
 
     def masks(
         self, k_pos: torch.Tensor, k_valid: torch.Tensor | None, window: int | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`masks.visibility` for this call's queries. The KVCache protocol gives every layer of a call
-        the same key positions, so one build serves all layers; the entry keeps its inputs alive so a
-        reused address cannot alias a different tensor."""
-        for pos, valid, win, built in self._masks:
+        the same key positions, so the first layer's build serves the rest; the entry keeps its inputs
+        alive so a reused address cannot alias a different tensor."""
+        if self._masks is not None:
+            pos, valid, win, built = self._masks
             if _same(pos, k_pos) and _same(valid, k_valid) and win == window:
                 return built
         built = visibility(self.positions, k_pos, k_valid, window=window)
-        self._masks.append((k_pos, k_valid, window, built))
+        self._masks = (k_pos, k_valid, window, built)
         return built
 
 
