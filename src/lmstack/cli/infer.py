@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import InputError
+from lmstack.interop.folders import load_model_and_tokenizer
 
 CACHES = (
     "static",
@@ -65,31 +66,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_for_inference(path: Path, dtype: str | None = None) -> tuple[Any, Any]:
-    """Model and tokenizer of a checkpoint or run folder; the model carries `tokenizer_hash`."""
-    import torch
-
-    from lmstack.interop.folders import resolve_model_dir
-    from lmstack.interop.hf import from_pretrained
-    from lmstack.tokenizer import Tokenizer
-
-    folder = resolve_model_dir(path)
-    model = from_pretrained(folder, dtype=getattr(torch, dtype) if dtype else None)
-    try:
-        tokenizer = Tokenizer.load(folder)
-    except FileNotFoundError:
-        raise InputError(
-            f"{folder} has no tokenizer files — save the checkpoint with its tokenizer"
-        ) from None
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise InputError(
-            f"the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size} — "
-            "they do not belong together"
-        )
-    model.tokenizer_hash = tokenizer.content_hash
-    return model, tokenizer
-
-
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         max_new_tokens=args.max_new_tokens,
@@ -110,11 +86,11 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise InputError("the prompt is empty — pass PROMPT or pipe text on stdin")
-    model, tokenizer = load_for_inference(args.model, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     kwargs = _sampling_kwargs(args)
     kwargs.update(num_beams=args.beams, penalty_alpha=args.penalty_alpha, speculate_k=args.speculate_k)
     if args.draft is not None:
-        kwargs["draft"], _ = load_for_inference(args.draft, args.dtype)
+        kwargs["draft"], _ = load_model_and_tokenizer(args.draft, dtype=args.dtype)
     on_text = (lambda _row, piece: print(piece, end="", flush=True)) if args.stream else None
     result = generate_text(model, tokenizer, prompt, on_text=on_text, details=True, **kwargs)[0]
     if not args.stream:
@@ -128,7 +104,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from lmstack.infer import generate_text
 
-    model, tokenizer = load_for_inference(args.model, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     if not tokenizer.chat_template:
         print(TRANSCRIPT_NOTICE, file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmstack.model.transformer import Transformer
+    from lmstack.tokenizer import Tokenizer
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -70,3 +77,40 @@ def resolve_model_config(spec: str | Path) -> tuple[ModelConfig, Path | None]:
             f"no such file or folder: {text} — give a preset name, a checkpoint or run folder, or a config.json"
         )
     return ModelConfig.preset(text), None  # an unknown name raises, listing close matches
+
+
+def load_model_and_tokenizer(
+    spec: str | Path, *, dtype: torch.dtype | str | None = None
+) -> tuple[Transformer, Tokenizer]:
+    """The model and tokenizer a checkpoint or run folder holds — the one loader every command uses.
+
+    The model carries `tokenizer_hash`, so speculative decoding can check that a draft shares it.
+    A preset names no weights, so it is refused here with the fix.
+    """
+    import torch
+
+    from lmstack.interop.hf import from_pretrained
+    from lmstack.tokenizer import Tokenizer
+
+    path = Path(spec).expanduser()
+    if not path.exists() and "/" not in str(spec) and not path.suffix:
+        raise InputError(
+            f"{spec!r} is not a folder — a preset has no trained weights; give a checkpoint or run folder"
+        )
+    folder = resolve_model_dir(path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = from_pretrained(folder, dtype=dtype)
+    try:
+        tokenizer = Tokenizer.load(folder)
+    except FileNotFoundError:
+        raise InputError(
+            f"{folder} has no tokenizer files — save the checkpoint with its tokenizer"
+        ) from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise InputError(
+            f"the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model only "
+            f"{model.config.vocab_size} — they do not belong together"
+        )
+    model.tokenizer_hash = tokenizer.content_hash
+    return model, tokenizer

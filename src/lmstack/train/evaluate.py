@@ -140,16 +140,14 @@ def evaluate(
     training (so the first token is predicted too and bits per byte cover every byte). `seq_len`
     defaults to the model's context and `stride` to half of it.
     """
-    from lmstack.interop.folders import resolve_model_dir
-    from lmstack.interop.hf import from_pretrained
-    from lmstack.tokenizer import Tokenizer
+    from lmstack.interop.folders import load_model_and_tokenizer, resolve_model_dir
     from lmstack.train.distributed import resolve_device
 
     model_dir = resolve_model_dir(model)
     text = _read_text(Path(data))
     dev = resolve_device(device)
-    net = from_pretrained(model_dir).to(dev)
-    tok = Tokenizer.load(model_dir)
+    net, tok = load_model_and_tokenizer(model_dir)
+    net = net.to(dev)
     context = net.config.max_seq_len
     seq_len = seq_len or context
     if seq_len > context:
