@@ -66,7 +66,7 @@ def test_components_equal_lmstack_modules(name):
     block = model.blocks[0]
     assert p.token_embedding == model.tok_emb.weight.numel()
     assert p.position_embedding == (model.pos_emb.weight.numel() if model.pos_emb is not None else 0)
-    assert p.lm_head == (model.lm_head.weight.numel() if model.lm_head is not None else 0)
+    assert p.lm_head == (0 if config.tie_embeddings else model.lm_head.weight.numel())
     assert p.final_norm == n_params(model.norm)
     assert p.layer.attention == n_params(block.attn)
     assert p.layer.norms == n_params(block.attn_norm) + n_params(block.mlp_norm)

@@ -67,7 +67,7 @@ def _our_config(family: str, eos_id: int | None) -> ModelConfig:
 
 
 def _map_state_dict(family: str, hf_sd: dict, config: ModelConfig) -> dict:
-    """HF parameter names -> lmstack's (rows of our qkv: q, then k, then v)."""
+    """HF parameter names -> lmstack's (fused HF q/k/v and gate/up tensors hold ours stacked on rows)."""
     out = {}
     if family == "gpt2":
         t = lambda name: hf_sd[name].t()  # GPT-2's Conv1D stores (in, out)
@@ -80,11 +80,12 @@ def _map_state_dict(family: str, hf_sd: dict, config: ModelConfig) -> dict:
                     hf_sd[h + theirs + ".weight"],
                     hf_sd[h + theirs + ".bias"],
                 )
-            out[b + "attn.qkv.weight"], out[b + "attn.qkv.bias"] = (
-                t(h + "attn.c_attn.weight"),
-                hf_sd[h + "attn.c_attn.bias"],
-            )
-            out[b + "attn.out.weight"], out[b + "attn.out.bias"] = (
+            sizes = (config.q_dim, config.kv_dim, config.kv_dim)
+            for p, w, bias in zip(
+                "qkv", t(h + "attn.c_attn.weight").split(sizes), hf_sd[h + "attn.c_attn.bias"].split(sizes)
+            ):
+                out[b + f"attn.{p}.weight"], out[b + f"attn.{p}.bias"] = w, bias
+            out[b + "attn.o.weight"], out[b + "attn.o.bias"] = (
                 t(h + "attn.c_proj.weight"),
                 hf_sd[h + "attn.c_proj.bias"],
             )
@@ -109,16 +110,19 @@ def _map_state_dict(family: str, hf_sd: dict, config: ModelConfig) -> dict:
         h, b = f"model.layers.{i}.", f"blocks.{i}."
         out[b + "attn_norm.weight"] = hf_sd[h + "input_layernorm.weight"]
         out[b + "mlp_norm.weight"] = hf_sd[h + "post_attention_layernorm.weight"]
-        out[b + "attn.out.weight"] = hf_sd[h + "self_attn.o_proj.weight"]
+        out[b + "attn.o.weight"] = hf_sd[h + "self_attn.o_proj.weight"]
         if family == "phi3":
-            out[b + "attn.qkv.weight"] = hf_sd[h + "self_attn.qkv_proj.weight"]
+            sizes = (config.q_dim, config.kv_dim, config.kv_dim)
+            for p, w in zip("qkv", hf_sd[h + "self_attn.qkv_proj.weight"].split(sizes)):
+                out[b + f"attn.{p}.weight"] = w
             gate, up = hf_sd[h + "mlp.gate_up_proj.weight"].chunk(2, dim=0)
             out[b + "mlp.gate.weight"], out[b + "mlp.up.weight"] = gate, up
             out[b + "mlp.down.weight"] = hf_sd[h + "mlp.down_proj.weight"]
             continue
-        out[b + "attn.qkv.weight"] = torch.cat([hf_sd[h + f"self_attn.{p}_proj.weight"] for p in "qkv"])
-        if config.qkv_bias:
-            out[b + "attn.qkv.bias"] = torch.cat([hf_sd[h + f"self_attn.{p}_proj.bias"] for p in "qkv"])
+        for p in "qkv":
+            out[b + f"attn.{p}.weight"] = hf_sd[h + f"self_attn.{p}_proj.weight"]
+            if config.qkv_bias:
+                out[b + f"attn.{p}.bias"] = hf_sd[h + f"self_attn.{p}_proj.bias"]
         if family == "mixtral":
             out[b + "mlp.router.weight"] = hf_sd[h + "mlp.gate.weight"]
             gate_up, down = hf_sd[h + "mlp.experts.gate_up_proj"], hf_sd[h + "mlp.experts.down_proj"]

@@ -77,7 +77,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     }
     assert (
         "lm_head.weight" in decay
-        and "blocks.0.attn.qkv.weight" in decay
+        and "blocks.0.attn.q.weight" in decay
         and "blocks.1.mlp.down.weight" in decay
     )
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
@@ -110,7 +110,7 @@ def test_optimizer_state_round_trips_exactly():
         opt.step()
         opt.zero_grad()
     tensors, meta = optimizer_tensors(opt)
-    assert "blocks.0.attn.qkv.weight/exp_avg" in tensors and "tok_emb.weight/step" in tensors
+    assert "blocks.0.attn.q.weight/exp_avg" in tensors and "tok_emb.weight/step" in tensors
 
     clone = _model()
     clone.load_state_dict(model.state_dict())

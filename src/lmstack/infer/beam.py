@@ -42,8 +42,7 @@ def beam_search(
 ) -> Generation:
     """The best finished hypothesis for one prompt; `stats['score']` is its length-penalised score."""
     config = model.config
-    weight = next(model.parameters())
-    device, dtype = weight.device, weight.dtype
+    device, dtype = model.device, model.dtype
     stop_ids = torch.tensor(params.stop_ids or (), dtype=torch.long, device=device)
     keep = max(2, 1 + len(params.stop_ids or ())) * num_beams
     top_mask = torch.arange(keep, device=device) < num_beams  # only the top num_beams may finish

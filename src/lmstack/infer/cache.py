@@ -12,8 +12,9 @@ seed recommends is a static cache resized by doubling when full, so copies happe
 Slots a static cache has not filled yet are never handed to attention: the cache returns a view of
 its filled prefix, which is equivalent to masking them and cheaper.
 
-Positions and validity are the same for every layer of one forward call, so they are computed when
-layer 0 calls `update` and reused by the other layers; the fill length advances after the last layer.
+Positions and validity are the same for every layer of one forward call, so each cache plans the
+call once in `begin` (write slots, the key positions and validity every layer attends over, room
+reserved or grown, the fill length advanced) and each layer's `update` only writes and reads.
 All caches can `truncate` (speculative decoding rolls back rejected draft tokens) and all but the
 paged one can `reorder` their batch rows (beam search, contrastive search).
 """
@@ -35,16 +36,12 @@ class CacheFull(RunError):
 
 
 class _LayerwiseCache:
-    """Bookkeeping shared by the caches: per-call positions computed once, length advanced after the last layer.
+    """Storage shared by the caches: per-layer keys and values, one row of positions and validity.
     Each cache also reports `memory_bytes()`: bytes held by key/value storage (allocated, not merely used)."""
 
     def __init__(self, n_layers: int):
         self.n_layers = n_layers
         self.seen_tokens = 0  # slots filled per row (padding included); the model's default position offset
-
-    def _finish_layer(self, layer: int, T: int) -> None:
-        if layer == self.n_layers - 1:
-            self.seen_tokens += T
 
     # Subclasses keep per-layer `k`, `v` lists (entries may be None before the first call) and
     # `pos`/`valid` (B, S) tensors (`valid` None when every slot is real).
@@ -75,18 +72,16 @@ class DynamicCache(_LayerwiseCache):
         self.pos: torch.Tensor | None = None  # (B, S)
         self.valid: torch.Tensor | None = None  # (B, S) or None when every slot is a real token
 
-    def update(self, layer, k, v, positions, valid):
-        T = k.shape[2]
-        if layer == 0:
-            self._call_pos = positions if self.pos is None else torch.cat((self.pos, positions), 1)
-            self._call_valid = _cat_valid(self.valid, valid, self.pos, positions)
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
+        self.valid = _cat_valid(self.valid, valid, self.pos, positions)
+        self.pos = positions if self.pos is None else torch.cat((self.pos, positions), 1)  # (B, S + T)
+        self.seen_tokens += positions.shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         old_k, old_v = self.k[layer], self.v[layer]
         self.k[layer] = k if old_k is None else torch.cat((old_k, k), 2)  # (B, KV, S + T, D)
         self.v[layer] = v if old_v is None else torch.cat((old_v, v), 2)
-        if layer == self.n_layers - 1:
-            self.pos, self.valid = self._call_pos, self._call_valid
-        self._finish_layer(layer, T)
-        return self.k[layer], self.v[layer], self._call_pos, self._call_valid
+        return self.k[layer], self.v[layer], self.pos, self.valid
 
     def truncate(self, n: int) -> None:
         """Keep the first `n` slots (drop rejected speculative tokens)."""
@@ -129,41 +124,42 @@ class StaticCache(_LayerwiseCache):
     def capacity(self) -> int:
         return self.pos.shape[1]
 
-    def update(self, layer, k, v, positions, valid):
-        T = k.shape[2]
-        start, end = self.seen_tokens, self.seen_tokens + T
-        if end > self.k[layer].shape[2]:
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
+        start, end = self.seen_tokens, self.seen_tokens + positions.shape[1]
+        if end > self.capacity:
             if not self.growable:
                 raise CacheFull(
                     f"static KV cache holds {self.capacity} tokens, this call needs {end} — "
                     "build it with a larger max_len or use cache='hybrid'"
                 )
-            self._grow(layer, end)
-        if layer == 0:
-            self.pos[:, start:end] = positions
-            if valid is not None:
-                self.valid[:, start:end] = valid
-                self.has_padding = self.has_padding or not bool(valid.all())
-            else:
-                self.valid[:, start:end] = True
+            self._grow(end)
+        self.pos[:, start:end] = positions
+        if valid is not None:
+            self.valid[:, start:end] = valid
+            self.has_padding = self.has_padding or not bool(valid.all())
+        else:
+            self.valid[:, start:end] = True
+        self._span = (start, end)
+        self.seen_tokens = end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self._span
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        self._finish_layer(layer, T)
         k_valid = self.valid[:, :end] if self.has_padding else None
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.pos[:, :end], k_valid
 
-    def _grow(self, layer: int, needed: int) -> None:
+    def _grow(self, needed: int) -> None:
         # Hybrid policy (seed 001): double, so n tokens cost O(log n) reallocations instead of n.
-        new_len = max(2 * self.k[layer].shape[2], needed)
+        new_len = max(2 * self.capacity, needed)
         for store in (self.k, self.v):
-            old = store[layer]
-            store[layer] = old.new_zeros(old.shape[:2] + (new_len, old.shape[3]))
-            store[layer][:, :, : old.shape[2]] = old
-        if self.pos.shape[1] < new_len:
-            pos, valid = self.pos, self.valid
-            self.pos = pos.new_zeros(pos.shape[0], new_len)
-            self.valid = valid.new_ones(valid.shape[0], new_len)
-            self.pos[:, : pos.shape[1]], self.valid[:, : valid.shape[1]] = pos, valid
+            for layer, old in enumerate(store):
+                store[layer] = old.new_zeros(old.shape[:2] + (new_len, old.shape[3]))
+                store[layer][:, :, : old.shape[2]] = old
+        pos, valid = self.pos, self.valid
+        self.pos = pos.new_zeros(pos.shape[0], new_len)
+        self.valid = valid.new_ones(valid.shape[0], new_len)
+        self.pos[:, : pos.shape[1]], self.valid[:, : valid.shape[1]] = pos, valid
 
     def truncate(self, n: int) -> None:
         _check_truncate(n, self.seen_tokens)
@@ -208,28 +204,30 @@ class RollingCache(_LayerwiseCache):
     def _slots(self, start: int, count: int) -> torch.Tensor:
         return torch.arange(start, start + count, device=self.pos.device) % self.size
 
-    def update(self, layer, k, v, positions, valid):
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
         B, T = positions.shape
-        in_place = T + self.window - 1 <= self.size
+        self._in_place = T + self.window - 1 <= self.size
         keep = min(T, self.size)  # the newest `keep` keys of this call stay in the ring
-        if layer == 0:
-            if valid is None:
-                valid = torch.ones(B, T, dtype=torch.bool, device=positions.device)
-            if not in_place:
-                self._call_pos = torch.cat((self.pos, positions), 1)
-                self._call_valid = torch.cat((self.valid, valid), 1)
-            self._write = self._slots(self.seen_tokens + T - keep, keep)
-            self.pos[:, self._write] = positions[:, T - keep :]
-            self.valid[:, self._write] = valid[:, T - keep :]
-            if in_place:
-                self._call_pos, self._call_valid = self.pos, self.valid
-        if in_place:
-            out_k, out_v = self.k[layer], self.v[layer]
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=positions.device)
+        if not self._in_place:
+            self._call_pos = torch.cat((self.pos, positions), 1)
+            self._call_valid = torch.cat((self.valid, valid), 1)
+        self._write = self._slots(self.seen_tokens + T - keep, keep)
+        self.pos[:, self._write] = positions[:, T - keep :]
+        self.valid[:, self._write] = valid[:, T - keep :]
+        if self._in_place:
+            self._call_pos, self._call_valid = self.pos, self.valid
+        self.seen_tokens += T
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        keep, T = len(self._write), k.shape[2]
+        if self._in_place:
+            out_k, out_v = self.k[layer], self.v[layer]  # the in-place writes below land in these
         else:
             out_k, out_v = torch.cat((self.k[layer], k), 2), torch.cat((self.v[layer], v), 2)
         self.k[layer].index_copy_(2, self._write, k[:, :, T - keep :])
         self.v[layer].index_copy_(2, self._write, v[:, :, T - keep :])
-        self._finish_layer(layer, T)
         return out_k, out_v, self._call_pos, self._call_valid
 
     def truncate(self, n: int) -> None:
@@ -275,9 +273,9 @@ class PagedCache:
     memory grows a block at a time and a finished sequence's blocks go straight back to the allocator.
     The pool keeps each slot's position and validity too, which lets left-padded batches use it.
 
-    Before a model call, `bind(seq_ids)` chooses which sequences the batch rows are; `update` then
-    writes each row's new keys to its next slots (allocating blocks as needed) and gathers each row's
-    keys into a padded (B, KV, S, D) tensor for attention. The gather is what a paged-attention kernel
+    Before a model call, `bind(seq_ids)` chooses which sequences the batch rows are; `begin` then
+    allocates the blocks the call needs and plans each row's write slots, and `update` writes each
+    layer's new keys there and gathers each row's keys into a padded (B, KV, S, D) tensor for attention. The gather is what a paged-attention kernel
     avoids on GPU; here it keeps the model's attention code unchanged.
     """
 
@@ -357,8 +355,8 @@ class PagedCache:
         return self.allocator.used * per_block
 
     # ---- the KVCache protocol ------------------------------------------------------------------
-    def _plan(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Layer 0 of a call: reserve blocks, choose write slots, and list each row's blocks to gather."""
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Reserve blocks, choose write slots, list each row's blocks to gather, advance the lengths."""
         B, T = positions.shape
         if len(self.rows) != B:
             raise InputError(
@@ -389,11 +387,11 @@ class PagedCache:
         in_range = torch.arange(S, device=device)[None, :] < (starts + T)[:, None]
         k_valid = slot_valid[self._blocks].view(B, -1)[:, :S] & in_range
         self._call_valid = None if bool(k_valid.all()) else k_valid
-        self._S, self._T = S, T
+        self._S = S
+        for sid in self.rows:
+            self.lengths[sid] += T
 
-    def update(self, layer, k, v, positions, valid):
-        if layer == 0:
-            self._plan(positions, valid)
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         B, KV, T, D = k.shape
         outputs = []
         for pool, new in ((self.k[layer], k), (self.v[layer], v)):
@@ -401,9 +399,6 @@ class PagedCache:
             flat.index_copy_(0, self._write, new.transpose(1, 2).reshape(B * T, KV, D))
             rows = pool.index_select(0, self._blocks).view(B, -1, KV, D)[:, : self._S]  # (B, S, KV, D)
             outputs.append(rows.transpose(1, 2))  # -> (B, KV, S, D)
-        if layer == self.n_layers - 1:
-            for sid in self.rows:
-                self.lengths[sid] += self._T
         return outputs[0], outputs[1], self._call_pos, self._call_valid
 
 

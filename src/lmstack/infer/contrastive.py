@@ -42,8 +42,7 @@ def contrastive_search(
     on_token: Callable[[int], object] | None = None,
 ) -> Generation:
     config = model.config
-    weight = next(model.parameters())
-    device, dtype = weight.device, weight.dtype
+    device, dtype = model.device, model.dtype
     k, P = min(top_k, config.vocab_size), len(prompt)
     sampler = RequestSampler(params, prompt, config.vocab_size, device)
 

@@ -60,10 +60,9 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         self.model, self.config = model, model.config
-        weight = next(model.parameters())
-        self.device = weight.device
+        self.device = model.device
         self.max_batch, self.block_size = max_batch, block_size
-        self.cache = PagedCache(self.config, kv_blocks, block_size, dtype=weight.dtype, device=self.device)
+        self.cache = PagedCache(self.config, kv_blocks, block_size, dtype=model.dtype, device=self.device)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self._requests: dict[int, _Request] = {}

@@ -189,8 +189,7 @@ def decode_batch(
 ) -> list[Generation]:
     """Greedy or sampled decoding of a left-padded batch: one prefill, then one forward per new token."""
     config = model.config
-    weight = next(model.parameters())
-    device, dtype = weight.device, weight.dtype
+    device, dtype = model.device, model.dtype
     B, lengths = len(prompts), [len(p) for p in prompts]
     T = max(lengths)
     padded = any(n < T for n in lengths)

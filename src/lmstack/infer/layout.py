@@ -30,10 +30,7 @@ def _decode_matrices(model: nn.Module) -> dict[tuple[int, int], list[nn.Paramete
         if isinstance(module, nn.Linear) and id(module.weight) not in seen:
             seen.add(id(module.weight))
             groups[tuple(module.weight.shape)].append(module.weight)
-    tok_emb = getattr(model, "tok_emb", None)
-    if getattr(model, "lm_head", None) is None and tok_emb is not None:  # tied: the embedding is the LM head
-        groups[tuple(tok_emb.weight.shape)].append(tok_emb.weight)
-    return groups
+    return groups  # a tied LM head is an nn.Linear sharing the embedding's weight, counted once
 
 
 def _time_linear(weights: list[torch.Tensor], repeats: int, scratch: torch.Tensor) -> float:

@@ -90,17 +90,17 @@ def speculative_generate(
     chooser: Chooser | None = None,
 ) -> Generation:
     """Generate for one prompt; `stats` reports proposals, acceptances, the acceptance rate and target calls."""
-    weight = next(target.parameters())
-    device = weight.device
+    device = target.device
     vocab = target.config.vocab_size
     if chooser is None and not params.greedy:
         chooser = Chooser(make_generator(params.seed, device))
     max_len = len(prompt) + max_new_tokens + k
     caches = {}
     for name, model in (("target", target), ("draft", draft)):
-        w = next(model.parameters())
         kind = cache if (cache != "rolling" or model.config.sliding_window is not None) else "static"
-        caches[name] = make_cache(kind, model.config, 1, max_len, dtype=w.dtype, device=w.device, extra=k)
+        caches[name] = make_cache(
+            kind, model.config, 1, max_len, dtype=model.dtype, device=model.device, extra=k
+        )
     target_cache, draft_cache = caches["target"], caches["draft"]
     # Invariant between rounds: each cache holds seq[:-1] except its pending tokens, which it is fed next.
     if len(prompt) > 1:
@@ -191,7 +191,7 @@ def speculative_generate(
 
 def _forward(model: torch.nn.Module, tokens: list[int], start: int, cache) -> torch.Tensor:
     """Logits (T, V) for `tokens` at positions start.. start+T-1 on top of `cache`."""
-    device = next(model.parameters()).device
+    device = model.device
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
     positions = torch.arange(start, start + len(tokens), device=device)[None]
     return model(ids, positions=positions, cache=cache)[0]

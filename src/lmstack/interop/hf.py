@@ -7,10 +7,14 @@ every variant of a family. Transforms, each a pair (to ours, to theirs):
 
   same       one tensor each side
   transpose  GPT-2's Conv1D stores (in, out); our Linear stores (out, in)
-  cat        several HF tensors concatenated into one of ours (q, k, v -> qkv)
-  chunk      one HF tensor holding several of ours, equal parts (Phi-3 gate_up_proj: gate first)
+  split      one HF tensor holding several of ours stacked on rows, in order (Phi-3's fused
+             `qkv_proj` -> q, k, v and `gate_up_proj` -> gate, up; GPT-2's `c_attn.bias`)
+  split_t    transpose, then split (GPT-2's Conv1D `c_attn.weight` -> q, k, v)
   experts    one HF tensor stacked over experts (E, k*rows, cols) <-> k of ours per expert
              (transformers 5's fused Mixtral `experts.gate_up_proj`, `experts.down_proj`)
+
+Our side is always one `nn.Linear` per projection (attention `q`, `k`, `v`, `o`; MLP `gate`, `up`,
+`down`), so fused HF tensors are split on load and concatenated on save.
 
 A tensor a config has but no row names (configs the family's class cannot express) is stored as
 `lmstack.<our name>`. A family may list several layouts; loading takes the first whose names the checkpoint holds (Mixtral:
@@ -26,7 +30,7 @@ import json
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,11 +60,11 @@ def _norm(ours: str, theirs: str) -> list[Row]:
     return _linear(ours, theirs)
 
 
-def _qkv(ours: str, theirs: str) -> list[Row]:
-    names = [f"{theirs}.{p}_proj" for p in "qkv"]
+def _fused(ours: tuple[str, ...], theirs: str, transform: str = "split") -> list[Row]:
+    """Weight and bias rows of one HF Linear holding several of ours stacked on rows (bias: split only)."""
     return [
-        ((f"{ours}.weight",), tuple(f"{n}.weight" for n in names), "cat"),
-        ((f"{ours}.bias",), tuple(f"{n}.bias" for n in names), "cat"),
+        (tuple(f"{o}.weight" for o in ours), (f"{theirs}.weight",), transform),
+        (tuple(f"{o}.bias" for o in ours), (f"{theirs}.bias",), "split"),
     ]
 
 
@@ -72,8 +76,10 @@ _LLAMA_TOP: list[Row] = [
 ]
 _LLAMA_ATTN: list[Row] = [
     *_norm(f"{_B}.attn_norm", f"{_L}.input_layernorm"),
-    *_qkv(f"{_B}.attn.qkv", f"{_L}.self_attn"),
-    *_linear(f"{_B}.attn.out", f"{_L}.self_attn.o_proj"),
+    *_linear(f"{_B}.attn.q", f"{_L}.self_attn.q_proj"),
+    *_linear(f"{_B}.attn.k", f"{_L}.self_attn.k_proj"),
+    *_linear(f"{_B}.attn.v", f"{_L}.self_attn.v_proj"),
+    *_linear(f"{_B}.attn.o", f"{_L}.self_attn.o_proj"),
     *_norm(f"{_B}.mlp_norm", f"{_L}.post_attention_layernorm"),
 ]
 _LLAMA_MLP: list[Row] = [
@@ -97,10 +103,14 @@ _MIXTRAL_FUSED = _LLAMA_TOP + _LLAMA_ATTN + [
 
 _PHI3 = _LLAMA_TOP + [
     *_norm(f"{_B}.attn_norm", f"{_L}.input_layernorm"),
-    ((f"{_B}.attn.qkv.weight",), (f"{_L}.self_attn.qkv_proj.weight",), "same"),
-    ((f"{_B}.attn.out.weight",), (f"{_L}.self_attn.o_proj.weight",), "same"),
+    (
+        (f"{_B}.attn.q.weight", f"{_B}.attn.k.weight", f"{_B}.attn.v.weight"),
+        (f"{_L}.self_attn.qkv_proj.weight",),
+        "split",
+    ),
+    ((f"{_B}.attn.o.weight",), (f"{_L}.self_attn.o_proj.weight",), "same"),
     *_norm(f"{_B}.mlp_norm", f"{_L}.post_attention_layernorm"),
-    ((f"{_B}.mlp.gate.weight", f"{_B}.mlp.up.weight"), (f"{_L}.mlp.gate_up_proj.weight",), "chunk"),
+    ((f"{_B}.mlp.gate.weight", f"{_B}.mlp.up.weight"), (f"{_L}.mlp.gate_up_proj.weight",), "split"),
     ((f"{_B}.mlp.down.weight",), (f"{_L}.mlp.down_proj.weight",), "same"),
 ]
 
@@ -109,8 +119,8 @@ _GPT2 = [
     (("tok_emb.weight",), ("transformer.wte.weight",), "same"),
     (("pos_emb.weight",), ("transformer.wpe.weight",), "same"),
     *_norm(f"{_B}.attn_norm", f"{_H}.ln_1"),
-    *_linear(f"{_B}.attn.qkv", f"{_H}.attn.c_attn", "transpose"),
-    *_linear(f"{_B}.attn.out", f"{_H}.attn.c_proj", "transpose"),
+    *_fused((f"{_B}.attn.q", f"{_B}.attn.k", f"{_B}.attn.v"), f"{_H}.attn.c_attn", "split_t"),
+    *_linear(f"{_B}.attn.o", f"{_H}.attn.c_proj", "transpose"),
     *_norm(f"{_B}.mlp_norm", f"{_H}.ln_2"),
     *_linear(f"{_B}.mlp.up", f"{_H}.mlp.c_fc", "transpose"),
     *_linear(f"{_B}.mlp.down", f"{_H}.mlp.c_proj", "transpose"),
@@ -147,12 +157,17 @@ def _experts_to_hf(ours: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return [torch.stack([torch.cat(ours[e : e + k], dim=0) for e in range(0, len(ours), k)])]
 
 
+def _split(tensor: torch.Tensor, rows: tuple[int, ...]) -> list[torch.Tensor]:
+    # parts are copied: views of one storage would make the parameters alias each other, which
+    # safetensors refuses to save
+    return [part.clone(memory_format=torch.contiguous_format) for part in tensor.split(rows, dim=0)]
+
+
 TRANSFORMS: dict[str, tuple[Callable[..., list[torch.Tensor]], Callable[..., list[torch.Tensor]]]] = {
     "same": (lambda t, n: t, lambda t, n: t),
     "transpose": (lambda t, n: [t[0].t()], lambda t, n: [t[0].t()]),
-    # split parts are cloned: older safetensors refuse to save views of one storage
-    "cat": (lambda t, n: [torch.cat(t, dim=0)], lambda t, n: [part.clone() for part in t[0].split(n, dim=0)]),
-    "chunk": (lambda t, n: list(t[0].chunk(n, dim=0)), lambda t, n: [torch.cat(t, dim=0)]),
+    "split": (lambda t, n: _split(t[0], n), lambda t, n: [torch.cat(t, dim=0)]),
+    "split_t": (lambda t, n: _split(t[0].t(), n), lambda t, n: [torch.cat(t, dim=0).t()]),
     "experts": (_experts_to_ours, _experts_to_hf),
 }
 
@@ -162,7 +177,7 @@ class Mapping:
     ours: tuple[str, ...]
     theirs: tuple[str, ...]
     transform: str
-    arg: Any  # split sizes for `cat` (q, k, v rows); the number of our tensors per HF tensor otherwise
+    arg: Any  # our tensors' row counts for `split`/`split_t`; the number of our tensors per HF tensor otherwise
 
     def to_ours(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return TRANSFORMS[self.transform][0](tensors, self.arg)
@@ -193,7 +208,8 @@ def expand(rows: list[Row], config: ModelConfig, our_shapes: dict[str, torch.Siz
             for ours, theirs in groups:
                 if not all(name in our_shapes for name in ours):
                     continue
-                arg = (config.q_dim, config.kv_dim, config.kv_dim) if transform == "cat" else len(ours_t)
+                split = transform in ("split", "split_t")
+                arg = tuple(our_shapes[n][0] for n in ours) if split else len(ours_t)
                 mappings.append(Mapping(tuple(ours), tuple(theirs), transform, arg))
     covered = {name for m in mappings for name in m.ours}
     mappings += [Mapping((n,), (f"lmstack.{n}",), "same", 1) for n in our_shapes if n not in covered]
@@ -308,12 +324,58 @@ def from_pretrained(
     config = _with_generation_ids(config_from_hf(config_path), folder, raw)
     dtype = dtype or checkpoint_dtype(raw)
     model = build_model(config, device="meta", attn_impl=attn_impl)
-    our_shapes = {name: t.shape for name, t in model.state_dict().items()}
-
     files = _weight_index(folder)
+    handles: dict[Path, Any] = {}
+    with contextlib.ExitStack() as stack:
+
+        def handle(name: str) -> Any:
+            file = files[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(_open_safetensors(file))
+            return handles[file]
+
+        state = _state_from_hf(
+            model,
+            _normalise_names(files, WEIGHT_MAPS[config.family], config),
+            shape_of=lambda name: _tensor_shape(handle(name), name, files[name]),
+            read=lambda name: _read_tensor(handle(name), name, files[name]).to(device=device, dtype=dtype),
+            where=lambda name: files[name].name,
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def load_hf_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], *, assign: bool = False) -> None:
+    """Load tensors under the family's Hugging Face names (what `hf_state_dict` returns, or a
+    `transformers` model's `state_dict()`) into `model`, in place. Every tensor the model needs must be
+    there with the shape its config implies, and none may be left over (`InputError` otherwise).
+    `assign=True` adopts the tensors as the parameters (a model built on the meta device)."""
+    config = model.config
+    names = _normalise_names(tensors, WEIGHT_MAPS[config.family], config)
+    state = _state_from_hf(
+        model,
+        names,
+        shape_of=lambda name: tuple(tensors[name].shape),
+        read=lambda name: tensors[name],
+        where=lambda name: "state dict",
+    )
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def _state_from_hf(
+    model: Transformer,
+    names: dict[str, str],
+    *,
+    shape_of: Callable[[str], tuple[int, ...]],
+    read: Callable[[str], torch.Tensor],
+    where: Callable[[str], str],
+) -> dict[str, torch.Tensor]:
+    """Our state dict from HF tensors: `names` maps canonical HF names to the source's names, which
+    `shape_of` and `read` take; every shape is checked before its tensor is read."""
+    config = model.config
     wmap = WEIGHT_MAPS[config.family]
-    names = _normalise_names(files, wmap, config)
-    mappings = _choose_layout(wmap, config, our_shapes, set(names))
+    meta = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in model.state_dict().items()}
+    mappings = _choose_layout(wmap, config, {n: t.shape for n, t in meta.items()}, set(names))
     used = {n for m in mappings for n in m.theirs}
     unused = sorted(n for n in names if n not in used and not re.search(wmap.ignore, n))
     if unused:
@@ -321,30 +383,22 @@ def from_pretrained(
             f"checkpoint tensor(s) {', '.join(unused[:5])} have no place in the {config.family} model config.json "
             "describes (e.g. a bias the config turns off) — fix config.json or re-save the checkpoint"
         )
-
-    meta = dict(model.state_dict())
-    # the HF shapes the config implies, computed by the save transforms on meta tensors (no memory)
-    expected = [m.to_hf([meta[n] for n in m.ours]) for m in mappings]
     state: dict[str, torch.Tensor] = {}
-    handles: dict[Path, Any] = {}
-    with contextlib.ExitStack() as stack:
-        for mapping, shapes in zip(mappings, expected):
-            tensors = []
-            for name, want in zip(mapping.theirs, shapes):
-                file = files[names[name]]
-                if file not in handles:
-                    handles[file] = stack.enter_context(_open_safetensors(file))
-                shape = _tensor_shape(handles[file], names[name], file)
-                if shape != tuple(want.shape):
-                    raise InputError(
-                        f"{file.name}: tensor {names[name]} has shape {shape}, but config.json implies "
-                        f"{tuple(want.shape)} — the weights do not match config.json"
-                    )
-                tensors.append(_read_tensor(handles[file], names[name], file).to(device=device, dtype=dtype))
-            for name, tensor in zip(mapping.ours, mapping.to_ours(tensors)):
-                state[name] = tensor.contiguous()
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    for mapping in mappings:
+        # the HF shapes the config implies, computed by the save transform on meta tensors (no memory)
+        expected = mapping.to_hf([meta[n] for n in mapping.ours])
+        tensors = []
+        for name, want in zip(mapping.theirs, expected):
+            shape = shape_of(names[name])
+            if shape != tuple(want.shape):
+                raise InputError(
+                    f"{where(names[name])}: tensor {names[name]} has shape {shape}, but config.json implies "
+                    f"{tuple(want.shape)} — the weights do not match config.json"
+                )
+            tensors.append(read(names[name]))
+        for name, tensor in zip(mapping.ours, mapping.to_ours(tensors)):
+            state[name] = tensor.contiguous()
+    return state
 
 
 def _tensor_shape(handle: Any, name: str, file: Path) -> tuple[int, ...]:
@@ -365,7 +419,7 @@ def _read_tensor(handle: Any, name: str, file: Path) -> torch.Tensor:
         ) from None
 
 
-def _normalise_names(files: dict[str, Path], wmap: WeightMap, config: ModelConfig) -> dict[str, str]:
+def _normalise_names(files: Iterable[str], wmap: WeightMap, config: ModelConfig) -> dict[str, str]:
     """Canonical HF name -> name in the file. Checkpoints of the bare base model (the original GPT-2's
     `h.0.attn...`, `wte.weight`) lack the prefix the LM-head class adds; we add it back."""
     has_prefix = any(n.startswith(wmap.base_prefix) for n in files)

@@ -30,22 +30,30 @@ ATTN_IMPLS = ("eager", "sdpa", "flash")
 class KVCache(Protocol):
     """What the model asks of a cache; the inference code owns the storage and its policy.
 
-    `update` stores this call's keys and values for layer `layer` at `positions` (B, T), marking
-    padding slots invalid with `valid` (B, T) bool or None, and returns every key and value the
-    queries of this call may attend to, with their positions and validity: (k, v, k_pos, k_valid)
-    shaped (B, KV, S, D), (B, KV, S, D), (B, S), (B, S) or None. `seen_tokens` is the number of
-    positions already stored, used as the default offset of a call's positions.
+    One forward call is one `begin` then one `update` per layer, in layer order:
+
+    - `begin(positions, valid)` plans the call once, before the first block: `positions` (B, T) are
+      the absolute positions of this call's tokens and `valid` (B, T) bool or None marks padding. The
+      cache reserves room (raising before anything is written when it has none), records where each
+      new key goes, works out the key positions and validity every layer will attend over, and
+      advances `seen_tokens` by T.
+    - `update(layer, k, v)` stores layer `layer`'s new keys and values (B, KV, T, D) where `begin`
+      planned and returns every key and value this call's queries may attend to, with their
+      positions and validity: (k, v, k_pos, k_valid) shaped (B, KV, S, D), (B, KV, S, D), (B, S),
+      (B, S) or None. Every layer of one call gets the same k_pos and k_valid.
+
+    `seen_tokens` is the number of slots already stored per row, the default offset of a call's
+    positions. A fixed per-request cache fits the same protocol: cross-attention keys and values
+    computed once from an encoder's output are stored at construction; its `begin` records nothing
+    and its `update` ignores the k, v it is handed and returns the stored ones with their positions.
     """
 
     seen_tokens: int
 
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None: ...
+
     def update(
-        self,
-        layer: int,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        valid: torch.Tensor | None,
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
 
@@ -128,13 +136,16 @@ def attend(
 @dataclass
 class ForwardContext:
     """What every layer of one forward call shares: query positions and validity, the RoPE tables or
-    ALiBi slopes, the cache, and the attention mask, which is built by the first layer and reused."""
+    ALiBi slopes, the cache, whether queries see only earlier keys (`causal`: decoders set it, an
+    encoder clears it), and the attention mask, which is built by the first layer and reused.
+    `plain_causal` promises positions 0..T-1 with no padding and no cache (see `attend`)."""
 
     positions: torch.Tensor
     valid: torch.Tensor | None
     rope: tuple[torch.Tensor, torch.Tensor] | None
     alibi: torch.Tensor | None
     cache: KVCache | None
+    causal: bool
     plain_causal: bool
     _masks: tuple | None = field(default=None, repr=False)  # (k_pos, k_valid, window, built)
 
@@ -148,7 +159,7 @@ class ForwardContext:
             pos, valid, win, built = self._masks
             if _same(pos, k_pos) and _same(valid, k_valid) and win == window:
                 return built
-        built = visibility(self.positions, k_pos, k_valid, window=window)
+        built = visibility(self.positions, k_pos, k_valid, causal=self.causal, window=window)
         self._masks = (k_pos, k_valid, window, built)
         return built
 
@@ -160,44 +171,47 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 class Attention(nn.Module):
-    """Combined QKV projection, RoPE or ALiBi, attention, output projection."""
+    """Query, key, value and output projections (`q`, `k`, `v`, `o`), RoPE or ALiBi, attention.
+
+    Each projection is its own `nn.Linear`, called as a module, so replacing one (a LoRA or quantized
+    wrapper: `attn.q = Wrapper(attn.q)`) changes the forward with nothing else to touch.
+    """
 
     def __init__(self, config: ModelConfig, layer: int, attn_impl: str = "sdpa"):
         super().__init__()
         self.config, self.layer = config, layer
         self.attn_impl = check_attn_impl(attn_impl)
-        self.qkv = nn.Linear(config.d_model, config.q_dim + 2 * config.kv_dim, bias=config.qkv_bias)
-        self.out = nn.Linear(config.q_dim, config.d_model, bias=config.out_bias)
+        self.q = nn.Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
+        self.k = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.v = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.o = nn.Linear(config.q_dim, config.d_model, bias=config.out_bias)
         self.last_weights: torch.Tensor | None = None  # filled when `store_weights` is set (eager only)
         self.store_weights = False
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        H, KV = c.n_heads, c.n_kv_heads
-        qkv = self.qkv(x).view(B, T, H + 2 * KV, c.head_dim)
-        if ctx.rope is not None:  # rotate queries and keys in one pass, before splitting them
-            qk = apply_rope(qkv[:, :, : H + KV], *ctx.rope)
-            q, k = qk[:, :, :H], qk[:, :, H:]
-        else:
-            q, k = qkv[:, :, :H], qkv[:, :, H : H + KV]
-        v = qkv[:, :, H + KV :]
+        q = self.q(x).view(B, T, c.n_heads, c.head_dim)
+        k = self.k(x).view(B, T, c.n_kv_heads, c.head_dim)
+        v = self.v(x).view(B, T, c.n_kv_heads, c.head_dim)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         # (B, T, heads, D) -> (B, heads, T, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         k_pos, k_valid, plain_causal = ctx.positions, ctx.valid, ctx.plain_causal
         if ctx.cache is not None:
-            k, v, k_pos, k_valid = ctx.cache.update(self.layer, k, v, ctx.positions, ctx.valid)
+            k, v, k_pos, k_valid = ctx.cache.update(self.layer, k, v)
             plain_causal = False
         impl = "eager" if self.store_weights else self.attn_impl
         # flash builds its masks per tile; sdpa's causal kernel needs none
         mask_free = impl == "flash" or (
-            impl == "sdpa" and plain_causal and c.sliding_window is None and ctx.alibi is None
+            impl == "sdpa" and plain_causal and ctx.causal and c.sliding_window is None and ctx.alibi is None
         )
         masks = None if mask_free else ctx.masks(k_pos, k_valid, c.sliding_window)
         y, weights = attend(
-            q, k, v, ctx.positions, k_pos, k_valid, impl=impl, window=c.sliding_window,
+            q, k, v, ctx.positions, k_pos, k_valid, impl=impl, causal=ctx.causal, window=c.sliding_window,
             alibi_slopes=ctx.alibi, plain_causal=plain_causal, return_weights=self.store_weights,
             masks=masks,
         )  # fmt: skip
         self.last_weights = weights
-        return self.out(y.transpose(1, 2).reshape(B, T, c.q_dim))
+        return self.o(y.transpose(1, 2).reshape(B, T, c.q_dim))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -49,7 +48,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only language model: `model(input_ids, ...)` -> logits (B, T, vocab)."""
+    """Decoder-only language model: `model(input_ids, ...)` -> logits (B, T, vocab).
+
+    Every projection is an `nn.Linear` called as a module, under names adapters and quantizers target:
+    `blocks.{i}.attn.{q,k,v,o}`, `blocks.{i}.mlp.{gate,up,down}` (each expert `mlp.experts.{e}.*` the
+    same, beside `mlp.router`) and `lm_head`. Tied embeddings share one parameter
+    (`lm_head.weight is tok_emb.weight`); the state dict then holds it once, as `tok_emb.weight`.
+    """
 
     def __init__(self, config: ModelConfig, attn_impl: str = "sdpa"):
         super().__init__()
@@ -61,13 +66,20 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(config, i, attn_impl) for i in range(config.n_layers))
         self.norm = Norm(config)
-        self.lm_head = (
-            None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        )
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self._tie()
+        # A tied head's key is dropped from the state dict and restored on load, so checkpoints, the
+        # HF weight maps and safetensors (which refuses aliased tensors) see the weight once.
+        self.register_state_dict_post_hook(_drop_tied_head)
+        self.register_load_state_dict_post_hook(_retie_head)
         # RoPE frequencies and ALiBi slopes are recomputed per call (a few hundred floats) rather than
         # kept as buffers, so `model.to(bfloat16)` cannot round them.
         self.gradient_checkpointing = False
         self.aux_loss: torch.Tensor | None = None
+
+    def _tie(self) -> None:
+        self.lm_head.weight = self.tok_emb.weight
 
     # ---- configuration at run time ----------------------------------------------------------
     @property
@@ -80,8 +92,17 @@ class Transformer(nn.Module):
         for block in self.blocks:
             block.attn.attn_impl = impl
 
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the embedding's, which stays floating when linears are packed to integers."""
+        return self.tok_emb.weight.dtype
+
     def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())  # a tied head's weight is yielded once
         if exclude_embeddings:
             n -= self.tok_emb.weight.numel() + (
                 self.pos_emb.weight.numel() if self.pos_emb is not None else 0
@@ -101,8 +122,9 @@ class Transformer(nn.Module):
 
         `positions` (B, T) default to 0..T-1 after what `cache` has seen, or, for a left-padded batch
         given `attention_mask` (B, T: 1 for real tokens of this call), count from each first real
-        token. `cache` follows the `KVCache` protocol; the model only reads it and appends to it.
-        After the call, `self.aux_loss` holds the MoE load-balancing loss (None for dense models).
+        token. `cache` follows the `KVCache` protocol: the model calls `cache.begin` once, then
+        `cache.update` once per layer. After the call, `self.aux_loss` holds the MoE load-balancing
+        loss (None for dense models).
         """
         return self.head(
             self.features(input_ids, positions=positions, cache=cache, attention_mask=attention_mask)
@@ -110,8 +132,7 @@ class Transformer(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over final hidden states (B, T, d) -> logits (B, T, vocab)."""
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return self.lm_head(hidden)
 
     def features(
         self,
@@ -124,27 +145,46 @@ class Transformer(nn.Module):
         """Final-norm hidden states (B, T, d): the forward pass without the LM head."""
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        c = self.config
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        if valid is not None and valid.shape != input_ids.shape:
+            raise InputError(
+                f"attention_mask shape {tuple(valid.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
         plain_causal = positions is None and attention_mask is None and cache is None
         if positions is None:
-            offset = cache.seen_tokens if cache is not None else 0
-            if attention_mask is not None and offset:
+            positions = self._positions(input_ids, cache, attention_mask)
+        x = self._embed(input_ids, positions)
+        c = self.config
+        rope = rope_cos_sin(c, positions, dtype=x.dtype) if c.position == "rope" else None
+        alibi = alibi_slopes(c.n_heads).to(x.device) if c.position == "alibi" else None
+        if cache is not None:
+            cache.begin(positions, valid)
+        ctx = ForwardContext(positions, valid, rope, alibi, cache, causal=True, plain_causal=plain_causal)
+        x, router_logits = self._run_blocks(x, ctx)
+        self.aux_loss = self._moe_loss(router_logits, valid)
+        return self.norm(x)
+
+    def _positions(
+        self, input_ids: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Default positions (B, T): after what the cache holds, or from each row's first real token."""
+        B, T = input_ids.shape
+        offset = cache.seen_tokens if cache is not None else 0
+        if attention_mask is not None:
+            if offset:
                 # each padded row's position depends on its own padding, which only the caller knows
                 raise InputError("with a non-empty cache and an attention_mask, pass positions explicitly")
-            if attention_mask is not None:
-                positions = positions_from_padding(attention_mask)
-            else:
-                positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
-        if valid is not None and valid.shape != (B, T):
-            raise InputError(f"attention_mask shape {tuple(valid.shape)} does not match input_ids {(B, T)}")
+            return positions_from_padding(attention_mask)
+        return torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
 
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, d), scaled, plus learned or sinusoidal position embeddings."""
+        c = self.config
         x = self.tok_emb(input_ids)
         if c.embedding_scale != 1.0:
             x = x * torch.tensor(c.embedding_scale, dtype=x.dtype)
         if self.pos_emb is not None:
-            if T and int(positions.max()) >= c.max_seq_len:
+            if positions.numel() and int(positions.max()) >= c.max_seq_len:
                 raise InputError(
                     f"position {int(positions.max())} is past max_seq_len={c.max_seq_len} of learned position "
                     "embeddings — shorten the input"
@@ -152,40 +192,55 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(positions)
         elif c.position == "sinusoidal":
             x = x + sinusoidal_embedding(positions, c.d_model, x.dtype)
-        x = self.drop(x)
-        rope = rope_cos_sin(c, positions, dtype=x.dtype) if c.position == "rope" else None
-        alibi = alibi_slopes(c.n_heads).to(x.device) if c.position == "alibi" else None
+        return self.drop(x)
 
-        ctx = ForwardContext(positions, valid, rope, alibi, cache, plain_causal)
+    def _run_blocks(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
         router_logits = []
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and cache is None:
+            if self.gradient_checkpointing and self.training and ctx.cache is None:
                 x, logits = checkpoint(block, x, ctx, use_reentrant=False)
             else:
                 x, logits = block(x, ctx)
             if logits is not None:
                 router_logits.append(logits)
-        self.aux_loss = (
-            load_balancing_loss(router_logits, c.n_experts, c.n_experts_per_token, valid)
-            if router_logits
-            else None
-        )
-        return self.norm(x)
+        return x, router_logits
+
+    def _moe_loss(self, router_logits: list[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor | None:
+        if not router_logits:
+            return None
+        c = self.config
+        return load_balancing_loss(router_logits, c.n_experts, c.n_experts_per_token, valid)
 
     # ---- initialisation -----------------------------------------------------------------------
     def reset_parameters(self, std: float = 0.02) -> None:
         """GPT-2 initialisation: N(0, std) weights, zero biases, unit norms, and the residual output
         projections scaled by 1/√(2·n_layers) so the residual stream's variance does not grow with depth."""
+        done: set[int] = set()  # a tied head's weight is the embedding's, initialised once
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = (
-                    1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("attn.out", ".down")) else 1.0
-                )
+                if id(module.weight) in done:
+                    continue
+                done.add(id(module.weight))
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("attn.o", ".down")) else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, Norm):
                 module.reset_parameters()
+
+
+def _drop_tied_head(module: Transformer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    if getattr(module.lm_head, "weight", None) is module.tok_emb.weight:
+        state_dict.pop(prefix + "lm_head.weight", None)
+
+
+def _retie_head(module: Transformer, incompatible_keys) -> None:
+    # loading with assign=True (onto a meta-built model) replaces the embedding's parameter: tie again
+    if module.config.tie_embeddings and isinstance(module.lm_head, nn.Linear):
+        module._tie()
+        missing = incompatible_keys.missing_keys
+        for key in [k for k in missing if k == "lm_head.weight" or k.endswith(".lm_head.weight")]:
+            missing.remove(key)
 
 
 def build_model(
