@@ -77,6 +77,25 @@ def test_hybrid_cache_doubles_and_static_refuses(make_tiny):
         model(ids[:, :4], cache=static)
         with pytest.raises(Exception, match="static KV cache holds 4 tokens"):
             model(ids[:, 4:5], cache=static)
+        assert static.seen_tokens == 4  # refused in `begin`, before anything was written
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_each_forward_plans_once_then_updates_every_layer(make_tiny, kind):
+    model = make_tiny(sliding_window=6)
+    cache = make_cache(kind, model.config, 1, 32, dtype=torch.float64)
+    calls, begin, update = [], cache.begin, cache.update
+    cache.begin = lambda positions, valid: (calls.append("begin"), begin(positions, valid))[1]
+    cache.update = lambda layer, k, v: (calls.append(layer), update(layer, k, v))[1]
+    ids = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = torch.cat(
+            [model(ids[:, :7], cache=cache), model(ids[:, 7:8], cache=cache), model(ids[:, 8:], cache=cache)],
+            1,
+        )
+        ref = model(ids)
+    assert calls == ["begin", 0, 1] * 3 and cache.seen_tokens == 9
+    assert torch.allclose(got, ref, atol=1e-10)
 
 
 def test_rolling_cache_is_window_plus_speculation_depth(make_tiny):
