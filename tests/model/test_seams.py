@@ -106,7 +106,8 @@ def test_tied_head_is_one_parameter_through_state_dict_to_and_meta_loading():
     assert untied.num_parameters() - tied.num_parameters() == 89 * 32
     assert "lm_head.weight" not in tied.state_dict() and "lm_head.weight" in untied.state_dict()
     want = tied(IDS)
-    for copy_ in (copy.deepcopy(tied), copy.deepcopy(tied).to(torch.float32)):
+    on_meta = build_model(CONFIGS["tied"], device="meta")
+    for copy_ in (copy.deepcopy(tied), copy.deepcopy(tied).to(torch.float32), on_meta.to_empty(device="cpu")):
         assert copy_.lm_head.weight is copy_.tok_emb.weight
     # built on meta, then the tensors assigned: the head must follow the new embedding
     meta = build_model(CONFIGS["tied"], device="meta", dtype=torch.float64)

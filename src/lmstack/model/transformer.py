@@ -81,6 +81,15 @@ class Transformer(nn.Module):
     def _tie(self) -> None:
         self.lm_head.weight = self.tok_emb.weight
 
+    def _apply(self, fn, recurse: bool = True):
+        # `.to()` keeps a shared parameter shared by swapping its data in place, but `to_empty()` (a
+        # meta-built model made real) makes a new parameter per module: tie again afterwards
+        tied = getattr(self.lm_head, "weight", None) is self.tok_emb.weight
+        super()._apply(fn, recurse)
+        if tied:
+            self._tie()
+        return self
+
     # ---- configuration at run time ----------------------------------------------------------
     @property
     def attn_impl(self) -> str:
