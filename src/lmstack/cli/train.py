@@ -98,7 +98,7 @@ def register(subparsers: Any) -> None:
 def build_config(args: argparse.Namespace) -> Any:
     """TrainConfig from (the resumed run's saved config <) the --config file < the flags given."""
     from lmstack.train import TrainConfig
-    from lmstack.train.loop import TRAIN_CONFIG_FILE
+    from lmstack.train.build import TRAIN_CONFIG_FILE
 
     values: dict[str, Any] = {}
     if args.resume:
