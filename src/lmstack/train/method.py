@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmstack.errors import InputError
 from lmstack.train.config import TrainConfig
 from lmstack.train.distributed import DistInfo
 
@@ -117,3 +118,26 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+def load_frozen_model(spec: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, str]]:
+    """A frozen model (a reference for a KL penalty, a teacher) from a checkpoint or run folder, in
+    eval mode without gradients, and its record for the method's state: the resolved folder and the
+    SHA-256 of its weights. Checkpoints store this record, never a copy of the weights."""
+    from lmstack.interop.folders import load_model_and_tokenizer, resolve_model_dir
+    from lmstack.train.checkpoint import weights_hash
+
+    folder = resolve_model_dir(spec)
+    model, _ = load_model_and_tokenizer(folder, dtype=torch.float32)
+    model = model.to(device).eval().requires_grad_(False)
+    return model, {"path": str(folder), "sha256": weights_hash(folder)}
+
+
+def check_frozen_model(saved: dict[str, str], current: dict[str, str], role: str = "reference") -> None:
+    """Refuse to resume against another frozen model than the run was trained with."""
+    if saved.get("sha256") != current["sha256"]:
+        raise InputError(
+            f"the {role} model has changed since the checkpoint: it was {saved.get('path')} with weights "
+            f"{str(saved.get('sha256'))[:12]}…, now {current['path']} has {current['sha256'][:12]}… — resume with "
+            f"the original {role} weights, or start a new run with another --out"
+        )

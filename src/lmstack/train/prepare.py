@@ -74,14 +74,14 @@ def planned_model_config(config: TrainConfig) -> ModelConfig:
     """The model's config as far as it is known before the tokenizer exists: `init_from`'s, or the
     preset with the overrides (building it validates every override)."""
     if config.init_from is not None:
-        from lmstack.interop.folders import resolve_model_config
+        from lmstack.interop.folders import resolve_model_dir
 
-        model_config, folder = resolve_model_config(config.init_from)
-        if folder is None:
+        if not Path(config.init_from).expanduser().is_dir():
             raise InputError(
-                f"init_from {config.init_from!r} names no weights — give a checkpoint, run or Hugging Face folder"
+                f"init_from {config.init_from!r} is not a folder — give a checkpoint, run or Hugging Face folder "
+                "(a preset has no trained weights: use --preset to train one from scratch)"
             )
-        return model_config
+        return ModelConfig.from_hf(resolve_model_dir(config.init_from))
     from types import SimpleNamespace
 
     placeholder = SimpleNamespace(vocab_size=config.vocab_size, eos_id=config.vocab_size - 1, bos_id=None)
