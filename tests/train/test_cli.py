@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_smoke_train_max_steps_5_on_default_corpus(tmp_path, capsys):
 def _args(**given) -> argparse.Namespace:
     fields = dict(
         preset=None, data=None, tokenizer=None, out=None, max_steps=None, time_budget=None, resume=False, seed=None,
-        config=None, device=None, threads=None, precision=None, quiet=False,
+        config=None, device=None, threads=None, precision=None, quiet=False, init_from=None, extend=False,
     )  # fmt: skip
     return argparse.Namespace(**{**fields, **given})
 
@@ -125,3 +126,33 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path, capsys, monkeypatch):
         main(["train", "--resume"])
     assert "no run to resume in runs/" in capsys.readouterr().err
     assert not Path("runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),  # no --data: the default corpus path would run first
+        (["--max-steps", "0"], "TrainConfig.max_steps: must be a positive integer"),
+        (["--time-budget", "-1"], "TrainConfig.time_budget"),
+        (["--data", "missing.txt"], "data path not found: missing.txt"),
+        (["--tokenizer", "no_tokenizer"], "tokenizer folder not found"),
+        (["--init-from", "no_such_run"], "init_from 'no_such_run' is not a folder"),
+        (["--init-from", "."], "neither a checkpoint folder"),
+        (["--extend", "--max-steps", "5"], "extend: only applies to a resumed run"),
+        (["--config", "c.yaml"], "seq_len 128 is longer than the model's context"),
+        (["--config", "bad_model.yaml"], "d_model"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    """Every argument and config field is checked before the corpus, the data pipeline or the run
+    folder is touched: no runs/ folder (and no data/ or corpus/ in it) is created."""
+    monkeypatch.chdir(tmp_path)
+    Path("c.yaml").write_text(yaml.safe_dump({"model": {"max_seq_len": 64}, "seq_len": 128}))
+    Path("bad_model.yaml").write_text(yaml.safe_dump({"model": {"d_model": 100, "n_heads": 3}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *args, "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmstack: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_model.yaml", "c.yaml"]  # no runs/ at all

@@ -170,7 +170,7 @@ def test_trainer_state_is_json_and_safetensors(stopped_run):
     assert "trainer/state.json" in names and "trainer/optimizer.safetensors" in names
     assert not [n for n in names if n.endswith((".pt", ".pkl", ".bin"))]
     state = json.loads((ckpt / "trainer" / "state.json").read_text())
-    assert state["step"] == 4 and state["data_position"]["batches_served"] == 4 * 2
+    assert state["step"] == 4 and state["method"]["state"]["data_position"]["batches_served"] == 4 * 2
     assert {"schedule", "rng", "model_config_hash", "optimizer", "files"} <= state.keys()
     # the checkpoint is a Hugging Face folder: transformers loads it as a Llama
     from transformers import AutoModelForCausalLM

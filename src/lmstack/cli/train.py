@@ -3,6 +3,8 @@
 lmstack train                                   # BPE + `small` on the embedded corpus, ~10 minutes
 lmstack train --data notes/ --preset tiny --max-steps 500 --out runs/notes
 lmstack train --resume --out runs/notes         # continue exactly where the last checkpoint left off
+lmstack train --resume --extend --max-steps 1000 --out runs/notes   # train a run on to a new total
+lmstack train --init-from runs/notes --data more/ --out runs/more  # start from trained weights
 lmstack eval --model runs/notes --data held_out.txt --json
 """
 
@@ -19,6 +21,7 @@ from lmstack.errors import InputError
 # flag destination -> TrainConfig field (only flags the user actually gave override the config)
 FLAG_FIELDS = {
     "preset": "preset",
+    "init_from": "init_from",
     "data": "data",
     "tokenizer": "tokenizer",
     "out": "out",
@@ -48,6 +51,12 @@ def register(subparsers: Any) -> None:
         metavar="PATH",
         help="text/JSONL/HTML files or folders, or one prepared dataset folder",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from these weights (checkpoint, run or Hugging Face folder) instead of a fresh preset; "
+        "its config and tokenizer are used",
+    )
     p.add_argument("--tokenizer", metavar="DIR", help="reuse this tokenizer instead of training one")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>)")
     p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
@@ -61,6 +70,12 @@ def register(subparsers: Any) -> None:
         "--resume",
         action="store_true",
         help="continue the run in --out (default: the newest in runs/) from its latest checkpoint",
+    )
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="with --resume and --max-steps N: train the run on to N steps (warmup unchanged, the cosine "
+        "re-planned from the current step to N)",
     )
     p.add_argument("--seed", type=int, help="seed for initialisation, data order and dropout (default 0)")
     p.add_argument(
@@ -98,7 +113,7 @@ def register(subparsers: Any) -> None:
 def build_config(args: argparse.Namespace) -> Any:
     """TrainConfig from (the resumed run's saved config <) the --config file < the flags given."""
     from lmstack.train import TrainConfig
-    from lmstack.train.loop import TRAIN_CONFIG_FILE
+    from lmstack.train.build import TRAIN_CONFIG_FILE
 
     values: dict[str, Any] = {}
     if args.resume:
@@ -119,6 +134,9 @@ def build_config(args: argparse.Namespace) -> Any:
         if value is not None:
             values[name] = value
     values["resume"] = bool(args.resume)
+    values["extend"] = bool(args.extend)
+    if args.extend and args.time_budget is None:
+        values["time_budget"] = None  # an extension is counted in steps
     if args.quiet:
         values["progress"] = False
     return TrainConfig.from_dict(values)

@@ -4,6 +4,7 @@
       checkpoints/step_<N>/     a checkpoint folder `lmstack.interop.hf.save_pretrained` writes
                                 (config.json, model.safetensors, generation_config.json, tokenizer)
                                 + trainer/optimizer.safetensors  optimizer state, tensors by parameter name
+                                + trainer/method.safetensors     the training method's tensors
                                 + trainer/state.json      step, schedule, RNG, data position, config
                                                           hash, and the SHA-256 of every other file
       latest                    "checkpoints/step_<N>": the checkpoint a resume starts from
@@ -35,6 +36,7 @@ from lmstack.interop.folders import CHECKPOINTS, LATEST, STEP_DIR, latest_checkp
 TRAINER_DIR = "trainer"  # a subfolder: loaders that read every *.safetensors of a checkpoint ignore it
 STATE_JSON = f"{TRAINER_DIR}/state.json"
 OPTIMIZER_FILE = f"{TRAINER_DIR}/optimizer.safetensors"
+METHOD_FILE = f"{TRAINER_DIR}/method.safetensors"  # the training method's own tensors (method.py)
 STATE_FORMAT = "lmstack-trainer-state"
 STATE_VERSION = 1
 
@@ -54,6 +56,7 @@ def save_checkpoint(
     tokenizer: Any,
     optimizer_tensors: dict[str, torch.Tensor],
     trainer_state: dict[str, Any],
+    method_tensors: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
     on_stage: Callable[[str, Path], None] | None = None,
 ) -> Path:
@@ -74,6 +77,8 @@ def save_checkpoint(
     save_pretrained(model, tmp, tokenizer=tokenizer)
     (tmp / TRAINER_DIR).mkdir()
     save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": STATE_FORMAT})
+    method = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in (method_tensors or {}).items()}
+    save_file(method, str(tmp / METHOD_FILE), metadata={"format": STATE_FORMAT})
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, **trainer_state, "step": step}
     state["files"] = {rel: _sha256(tmp / rel) for rel in _files(tmp) if rel != STATE_JSON}
     (tmp / STATE_JSON).write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
@@ -123,7 +128,8 @@ def _sha256(path: Path) -> str:
 
 def read_trainer_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The trainer state JSON and optimizer tensors of a checkpoint, after checking every file's
-    SHA-256 against the record; any mismatch or unreadable part is a clear `InputError`."""
+    SHA-256 against the record; any mismatch or unreadable part is a clear `InputError`. The method's
+    tensors (verified here too) are read by `read_method_tensors`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -152,6 +158,28 @@ def read_trainer_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise InputError(f"{ckpt / OPTIMIZER_FILE} is unreadable ({exc}): {fix}") from None
     return state, tensors
+
+
+def read_method_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The training method's tensors of a checkpoint (empty for checkpoints written before methods
+    had any); call after `read_trainer_state`, which verified the file's hash."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / METHOD_FILE
+    return load_file(str(path)) if path.is_file() else {}
+
+
+def weights_hash(folder: str | Path) -> str:
+    """SHA-256 over a checkpoint folder's weight files (names and bytes, in name order): what a
+    method records to name a frozen model (a reference) without copying it."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{folder} holds no *.safetensors weights — give a checkpoint folder")
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + _sha256(path).encode())
+    return digest.hexdigest()
 
 
 def load_model_weights(model: nn.Module, ckpt: Path) -> None:

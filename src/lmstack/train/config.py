@@ -43,6 +43,9 @@ class TrainConfig:
     # the model: a preset, with `model` overriding its fields (vocab_size and eos_id come from the tokenizer)
     preset: str = "small"
     model: dict[str, Any] = field(default_factory=dict)
+    # start from trained weights instead of a fresh preset: a checkpoint folder, a run folder (its latest
+    # checkpoint) or a Hugging Face folder; the model config and tokenizer then come from it
+    init_from: str | None = None
     # the data: raw text files/folders, or one prepared dataset folder; empty = the embedded default corpus
     data: tuple[str, ...] = ()
     tokenizer: str | None = None  # reuse this tokenizer folder instead of training one
@@ -52,6 +55,7 @@ class TrainConfig:
     # where to write the run folder (default runs/<timestamp>)
     out: str | None = None
     resume: bool = False
+    extend: bool = False  # with resume: train on to a new max_steps (the cosine tail is re-planned)
     # how long
     max_steps: int | None = None
     time_budget: float | None = None  # minutes of wall-clock time; total steps estimated after warmup
@@ -108,6 +112,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         from lmstack.config import ModelConfig
+
+        if not isinstance(self.preset, str):
+            _bad("preset", f"must be a preset name, got {self.preset!r}", "see `lmstack info` for the names")
+        try:
+            ModelConfig.preset(self.preset)
+        except InputError as exc:
+            _bad("preset", str(exc).split(" — ")[0], str(exc).split(" — ", 1)[-1])
 
         for name in (
             "vocab_size",
@@ -200,6 +211,34 @@ class TrainConfig:
                 f"must be an integer >= 0, got {self.sample_tokens!r}",
                 "e.g. 64, or 0 for no sample",
             )
+        if self.init_from is not None:
+            if not isinstance(self.init_from, str) or not self.init_from:
+                _bad(
+                    "init_from",
+                    f"must be a folder path, got {self.init_from!r}",
+                    "give a checkpoint or run folder",
+                )
+            if self.model:
+                _bad(
+                    "model",
+                    "overrides the architecture, but init_from takes it from the checkpoint",
+                    "drop the `model` section (dropout has its own field), or train from a preset",
+                )
+            if self.tokenizer is not None:
+                _bad(
+                    "tokenizer",
+                    "is given, but init_from brings the checkpoint's own tokenizer",
+                    "drop --tokenizer (the data is tokenized with the checkpoint's)",
+                )
+        if self.extend:
+            if not self.resume:
+                _bad("extend", "only applies to a resumed run", "add --resume, or drop --extend")
+            if self.max_steps is None or self.time_budget is not None:
+                _bad(
+                    "extend",
+                    "needs the new total as max_steps, and no time_budget",
+                    "pass --resume --extend --max-steps N",
+                )
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.model) - known)
         if unknown:

@@ -1,16 +1,20 @@
 """The one training loop: raw text (or a prepared dataset) to a checkpointed causal language model.
 
-    data ─► tokenizer ─► model ─► for step: micro-batches → loss → backward (accumulate) → clip → AdamW
-                                       └─ eval at intervals, checkpoint at intervals, metrics.jsonl
+    check inputs ─► run folder ─► data ─► model (fresh or init_from) ─► method.prepare ─► optimizer
+        ─► for step: micro-batches → method.loss → backward (accumulate) → clip → AdamW
+                     └─ eval at intervals, checkpoint at intervals, metrics.jsonl
 
-A step (step.py) accumulates gradients over micro-batches until it has seen `batch_size` sequences,
-averaged over data-parallel processes by DDP, clips them, and AdamW updates the weights at the
-scheduled learning rate (schedule.py). Checkpoints (checkpoint.py) hold everything a resume needs.
+`train()` runs these steps in order; each building step is a function below. What a training method
+changes (which parameters train, which batches, which loss) comes from a `Method` (method.py);
+pretraining (pretrain.py) is the default. A step (step.py) accumulates gradients over micro-batches
+until it has seen `batch_size` sequences, averaged over data-parallel processes by DDP, clips them,
+and AdamW updates the weights at the scheduled learning rate (schedule.py). Checkpoints
+(checkpoint.py) hold everything a resume needs, the method's own state included.
 
 Determinism: every random choice is seeded (model init, the data order, dropout through torch's
 generator, whose state is checkpointed), so on CPU with a fixed thread count a resumed run matches an
-uninterrupted one bit for bit. `TrainHooks` lets a caller change what a method changes (the loss) and
-observe or interrupt the run at well-defined instants (tests use it to crash on purpose).
+uninterrupted one bit for bit. `TrainHooks` lets a caller observe or interrupt the run at
+well-defined instants (tests use it to crash on purpose).
 """
 
 from __future__ import annotations
@@ -26,14 +30,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmstack.atomic import atomic_write_text
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError, RunError
 from lmstack.train import checkpoint as ckpt
 from lmstack.train import distributed as dist_mod
+from lmstack.train.build import (
+    RunData,
+    build_data,
+    build_model,
+    make_optimizer,
+    method_context,
+    open_run,
+    set_threads,
+)
 from lmstack.train.config import TrainConfig
 from lmstack.train.distributed import DistInfo
 from lmstack.train.evaluate import bits_per_byte, shard_loss
+from lmstack.train.method import Method, MethodContext
 from lmstack.train.metrics import (
     METRICS_FILE,
     MetricsLog,
@@ -42,29 +55,23 @@ from lmstack.train.metrics import (
     plot_curves,
     training_flops_per_token,
 )
-from lmstack.train.optim import build_optimizer, load_optimizer_tensors, optimizer_tensors, set_lr
+from lmstack.train.optim import load_optimizer_tensors, optimizer_tensors, set_lr
 from lmstack.train.prepare import (
-    autocast_for,
+    check_inputs,
     config_hash,
-    model_config_for,
-    precision_for,
-    prepare_data,
-    resolve_run_dir,
 )
+from lmstack.train.pretrain import Pretraining
 from lmstack.train.schedule import Schedule, estimate_total_steps
-from lmstack.train.step import LossFn, StepStats, causal_lm_loss, train_step
-
-TRAIN_CONFIG_FILE = "train_config.json"
+from lmstack.train.step import StepStats, accumulate_gradients
 
 
 @dataclass
 class TrainHooks:
-    """Optional callbacks. `loss_fn(logits (B, T, V), targets (B, T)) -> scalar` replaces the causal-LM
-    cross-entropy (targets of -100 are ignored by the default). `on_step_start(step, model)` runs before
-    step `step`; `on_step_end(step, record)` after its metrics line is written; `on_checkpoint(stage,
-    path)` at the checkpoint stages "written", "renamed", "pointed" (see `checkpoint.save_checkpoint`)."""
+    """Optional callbacks. `on_step_start(step, model)` runs before step `step`; `on_step_end(step,
+    record)` after its metrics line is written; `on_checkpoint(stage, path)` at the checkpoint stages
+    "written", "renamed", "pointed" (see `checkpoint.save_checkpoint`). To change the loss, write a
+    `Method`."""
 
-    loss_fn: LossFn | None = None
     on_step_start: Callable[[int, nn.Module], None] | None = None
     on_step_end: Callable[[int, dict[str, Any]], None] | None = None
     on_checkpoint: Callable[[str, Path], None] | None = None
@@ -87,129 +94,88 @@ class TrainResult:
     model_config: ModelConfig | None = None
 
 
-def train(config: TrainConfig, *, hooks: TrainHooks | None = None) -> TrainResult:
-    """Train (or resume, with `config.resume`) a model as `config` says; see the module docstring."""
+def train(
+    config: TrainConfig, *, method: Method | None = None, hooks: TrainHooks | None = None
+) -> TrainResult:
+    """Train (or resume, with `config.resume`) a model as `config` says, by `method` (default:
+    `Pretraining()`); see the module docstring. Every input is checked before any work starts."""
     info = dist_mod.setup(config.device)
     try:
-        return _Trainer(config, info, hooks or TrainHooks()).run()
+        set_threads(config, info)
+        check_inputs(config, info)
+        run_dir, latest = open_run(config, info)
+        data = build_data(config, run_dir, info)
+        model = build_model(config, data, info)
+        method = method or Pretraining()
+        ctx = method_context(config, run_dir, data, info)
+        model = method.prepare(model, ctx)
+        batches = method.batches(ctx)
+        optimizer = make_optimizer(config, model, info.device)
+        loop = _Loop(
+            config, info, hooks or TrainHooks(), run_dir, data, model, method, ctx, batches, optimizer
+        )
+        if latest is not None:
+            loop.restore(latest)
+        elif info.is_main and config.resume:
+            loop.say(f"no complete checkpoint in {run_dir}; starting from step 0")
+            loop.metrics.truncate(-1)
+        dist_mod.barrier(info)
+        return loop.run()
     finally:
         dist_mod.teardown(info)
 
 
-# ------------------------------------------------------------------------------------------ trainer
+# ------------------------------------------------------------------------------------------ running
 
 
-class _Trainer:
-    """One run's state; `run()` is the loop. Kept private: `train()` is the entry point."""
+class _Loop:
+    """One run's changing state (step, schedule, timing) and the steps that change it; `run()` is the
+    loop. Private: `train()` builds its pieces and is the entry point."""
 
-    def __init__(self, config: TrainConfig, info: DistInfo, hooks: TrainHooks) -> None:
-        self.config, self.info, self.hooks = config, info, hooks
+    def __init__(
+        self, config: TrainConfig, info: DistInfo, hooks: TrainHooks, run_dir: Path, data: RunData,
+        model: nn.Module, method: Method, ctx: MethodContext, batches: Any, optimizer: torch.optim.Optimizer,
+    ) -> None:  # fmt: skip
+        c = config
+        self.config, self.info, self.hooks, self.run_dir = config, info, hooks, run_dir
+        self.dataset, self.tokenizer, self.seq_len = data.dataset, data.tokenizer, data.seq_len
+        self.micro, self.accum = data.micro, data.accum
+        self.model, self.method, self.ctx, self.batches, self.optimizer = (
+            model,
+            method,
+            ctx,
+            batches,
+            optimizer,
+        )
+        self.model_config: ModelConfig = model.config
+        self.device = info.device
+        self.precision, self.autocast = ctx.precision, ctx.autocast
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.notes: list[str] = []
         self.clock_start = time.perf_counter()
         self.last_plot = self.clock_start
+        self.latest: Path | None = None
+        # with a time budget the total is planned once warmup is timed (capped by max_steps)
+        planned = None if c.effective_time_budget is not None else c.max_steps
+        self.schedule = Schedule(c.lr, c.lr * c.min_lr_ratio, c.warmup_steps, planned)
+        self.metrics = MetricsLog(run_dir / METRICS_FILE)
+        self.step, self.elapsed_before = 0, 0.0
+        self.tokens_seen = 0
+        self.initial_val_loss: float | None = None
+        torch.manual_seed(c.seed + info.rank)  # dropout masks differ across data-parallel replicas
+        self.budget_s = None if c.effective_time_budget is None else 60.0 * c.effective_time_budget
 
     def say(self, message: str) -> None:
         if self.info.is_main and self.config.progress:
             print(f"train: {message}", file=sys.stderr, flush=True)
 
-    # ---- setup ---------------------------------------------------------------------------------
-    def setup(self) -> None:
-        c, info = self.config, self.info
-        if c.threads is not None:
-            torch.set_num_threads(c.threads)
-        elif info.enabled and info.device.type == "cpu":
-            import os
-
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
-        self.run_dir = resolve_run_dir(c, info)
-        self.latest = ckpt.latest_checkpoint(self.run_dir) if c.resume else None
-        if not c.resume and ((self.run_dir / ckpt.LATEST).exists() or (self.run_dir / METRICS_FILE).exists()):
-            raise InputError(
-                f"{self.run_dir} already holds a run — pass --resume to continue it, or choose another --out"
-            )
-        if info.is_main:
-            atomic_write_text(self.run_dir / TRAIN_CONFIG_FILE, c.to_json() + "\n")
-
-        self.dataset = prepare_data(c, self.run_dir, info)
-        from lmstack.tokenizer import Tokenizer
-
-        self.tokenizer = Tokenizer.load(self.dataset.tokenizer_path)
-        if self.tokenizer.vocab_size != self.dataset.vocab_size:
-            raise InputError(
-                f"the dataset's shards use {self.dataset.vocab_size} ids but its tokenizer has "
-                f"{self.tokenizer.vocab_size} — re-run `lmstack data prepare`"
-            )
-        self.model_config = model_config_for(c, self.tokenizer)
-        mc = self.model_config
-        self.seq_len = c.seq_len or mc.max_seq_len
-        if self.seq_len > mc.max_seq_len:
-            raise InputError(
-                f"seq_len {self.seq_len} is longer than the model's context (max_seq_len={mc.max_seq_len}) — use "
-                f"seq_len <= {mc.max_seq_len}, or raise max_seq_len in the `model` section"
-            )
-        micro = c.micro_batch_size or c.batch_size // info.world_size
-        if c.batch_size % (micro * info.world_size):
-            raise InputError(
-                f"batch_size {c.batch_size} is not a multiple of micro_batch_size {micro} × {info.world_size} processes "
-                "— choose sizes that divide evenly"
-            )
-        self.micro, self.accum = micro, c.batch_size // (micro * info.world_size)
-
-        from lmstack.data.loader import TokenBatches
-
-        # One loader call yields one micro-batch of every process (a global micro-batch), so the
-        # examples of step k are stream items [k·batch_size, (k+1)·batch_size) however they are split.
-        self.batches = TokenBatches(
-            self.dataset.train_path,
-            micro * info.world_size,
-            self.seq_len,
-            seed=c.seed,
-            rank=info.rank,
-            world_size=info.world_size,
-        )
-        if self.batches.n_windows < c.batch_size:
-            raise InputError(
-                f"corpus smaller than one batch: the training split holds {self.batches.n_windows} sequences of "
-                f"{self.seq_len} tokens, one step needs batch_size={c.batch_size} — give more text, or lower "
-                "batch_size or seq_len"
-            )
-
-        from lmstack.model import build_model
-
-        self.device = info.device
-        self.model = build_model(mc, device=self.device, attn_impl=c.attn_impl, seed=c.seed)
-        self.model.gradient_checkpointing = c.gradient_checkpointing
-        self.precision = precision_for(c, self.device)
-        if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise InputError("this GPU has no bfloat16 support — use precision fp16 or fp32")
-        if self.precision == "fp16" and self.device.type != "cuda":
-            raise InputError("fp16 training needs a CUDA GPU — use precision fp32 or bf16 on the CPU")
-        self.autocast = autocast_for(self.precision, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.optimizer = build_optimizer(
-            self.model, lr=c.lr, weight_decay=c.weight_decay, betas=(c.beta1, c.beta2), eps=c.eps,
-            decay_embeddings=c.decay_embeddings, fused=self.device.type == "cuda" or None,
-        )  # fmt: skip
-        # with a time budget the total is planned once warmup is timed (capped by max_steps)
-        planned = None if c.effective_time_budget is not None else c.max_steps
-        self.schedule = Schedule(c.lr, c.lr * c.min_lr_ratio, c.warmup_steps, planned)
-        self.loss_fn = self.hooks.loss_fn or causal_lm_loss(c.label_smoothing)
-        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
-        self.step, self.elapsed_before = 0, 0.0
-        self.tokens_seen = 0
-        self.initial_val_loss: float | None = None
-        torch.manual_seed(c.seed + info.rank)  # dropout masks differ across data-parallel replicas
-        if self.latest is not None:
-            self.restore(self.latest)
-        elif info.is_main and c.resume:
-            self.say(f"no complete checkpoint in {self.run_dir}; starting from step 0")
-            self.metrics.truncate(-1)
-        dist_mod.barrier(info)
-
-        self.trained = dist_mod.wrap(self.model, info)
+    def start(self) -> None:
+        """Wrap the model for DDP (and compile), and fix the MFU constants: after any restore."""
+        c = self.config
+        self.trained = dist_mod.wrap(self.model, self.info)
         if c.compile:
             self.trained = torch.compile(self.trained)
-        self.flops_per_token, flops_source = training_flops_per_token(mc, self.seq_len)
+        self.flops_per_token, flops_source = training_flops_per_token(self.model_config, self.seq_len)
         if "locally" in flops_source:
             self.notes.append(f"MFU uses {flops_source}")
         self.peak_dtype = (
@@ -218,10 +184,10 @@ class _Trainer:
             else torch.float32
         )
         self.peak_flops = c.peak_flops or measure_peak_flops(self.device, self.peak_dtype)
-        self.budget_s = None if c.effective_time_budget is None else 60.0 * c.effective_time_budget
 
     def restore(self, path: Path) -> None:
-        """Continue from checkpoint `path`: weights, optimizer, schedule, data position, RNG, metrics."""
+        """Continue from checkpoint `path`: weights, optimizer, schedule, method state (data position),
+        RNG, metrics."""
         state, tensors = ckpt.read_trainer_state(path)
         if state.get("model_config_hash") != config_hash(self.model_config):
             saved = state.get("model_config", {})
@@ -235,10 +201,24 @@ class _Trainer:
                 f"the model config differs from the checkpoint's {path} (fields: {', '.join(diff) or '?'}) — resume "
                 "with the run's original preset and model settings, or start a new run with another --out"
             )
+        # old checkpoints (before methods) kept the pretraining data position at the top level
+        saved_method = state.get("method") or {
+            "name": Pretraining.name,
+            "state": {"data_position": state["data_position"]},
+        }
+        if saved_method["name"] != self.method.name:
+            raise InputError(
+                f"checkpoint {path} was written by the {saved_method['name']!r} method, this run trains with "
+                f"{self.method.name!r} — resume with the same method, or start a new run with another --out"
+            )
         ckpt.load_model_weights(self.model, path)
         load_optimizer_tensors(self.optimizer, tensors, state["optimizer"])
+        self.method.load_state_dict(ckpt.read_method_tensors(path), saved_method["state"])
+        self.step = int(state["step"])
         self.schedule = Schedule.from_dict(state["schedule"])
-        self.batches.load_state_dict(state["data_position"])
+        if self.config.extend:
+            self.schedule = self.schedule.extended(self.step, self.config.max_steps)
+            self.say(f"extending to {self.config.max_steps} steps: cosine from step {self.step}")
         if state.get("scaler") and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
@@ -249,10 +229,10 @@ class _Trainer:
                 f"resumed on {self.info.world_size} processes from {len(rng)}: dropout masks re-seeded"
             )
             torch.manual_seed(self.config.seed + 1_000_003 * state["step"] + self.info.rank)
-        self.step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.initial_val_loss = state.get("initial_val_loss")
+        self.latest = path
         if self.info.is_main:
             self.metrics.truncate(self.step)
         self.say(f"resumed from {path} at step {self.step}")
@@ -261,12 +241,17 @@ class _Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.clock_start
 
-    def train_step(self) -> StepStats:
-        return train_step(
-            self.trained, self.batches, self.optimizer, accum=self.accum, loss_fn=self.loss_fn, autocast=self.autocast,
-            scaler=self.scaler, grad_clip=self.config.grad_clip, aux_loss_coef=self.model_config.router_aux_loss_coef,
-            device=self.device, dist=self.info,
+    def train_step(self) -> tuple[StepStats, bool]:
+        """The method's own step if it takes one (then the weights are already updated: True), else
+        the gradients of `method.loss` accumulated over the batch, clipped (False)."""
+        own = self.method.step(self.trained, self.optimizer, self.batches, self.ctx)
+        if own is not None:
+            return own, True
+        stats = accumulate_gradients(
+            self.trained, self.batches, self.optimizer, self.method.loss, accum=self.accum, autocast=self.autocast,
+            scaler=self.scaler, grad_clip=self.config.grad_clip, device=self.device, dist=self.info,
         )  # fmt: skip
+        return stats, False
 
     def evaluate(self, max_batches: int | None) -> dict[str, float]:
         nll, count = shard_loss(
@@ -285,6 +270,7 @@ class _Trainer:
 
     def save(self, step: int) -> Path:
         tensors, meta = optimizer_tensors(self.optimizer)
+        method_tensors, method_state = self.method.state_dict()
         rng = dist_mod.gather_objects(ckpt.rng_state(), self.info)
         path = ckpt.step_dir(self.run_dir, step)
         if self.info.is_main:
@@ -297,7 +283,7 @@ class _Trainer:
                 "model_config": self.model_config.to_dict(),
                 "train_config": self.config.to_dict(),
                 "dataset_version": self.dataset.version,
-                "data_position": self.batches.state_dict(),
+                "method": {"name": self.method.name, "state": method_state},
                 "rng": rng,
                 "optimizer": meta,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -306,7 +292,8 @@ class _Trainer:
             }
             path = ckpt.save_checkpoint(
                 self.run_dir, step, self.model, tokenizer=self.tokenizer, optimizer_tensors=tensors,
-                trainer_state=state, keep=self.config.keep_checkpoints, on_stage=self.hooks.on_checkpoint,
+                trainer_state=state, method_tensors=method_tensors, keep=self.config.keep_checkpoints,
+                on_stage=self.hooks.on_checkpoint,
             )  # fmt: skip
             if time.perf_counter() - self.last_plot > 60:  # refresh the plots of a long run now and then
                 plot_curves(self.metrics.records(), self.run_dir)
@@ -335,7 +322,7 @@ class _Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        self.setup()
+        self.start()
         c, info = self.config, self.info
         self.val_batches = -(-max(1, (self.dataset.val_tokens - 1) // self.seq_len) // self.micro)
         tokens_per_step = c.batch_size * self.seq_len
@@ -369,7 +356,7 @@ class _Trainer:
             lr = self.schedule.lr(step)
             set_lr(self.optimizer, lr)
             started = time.perf_counter()
-            stats = self.train_step()
+            stats, stepped = self.train_step()
             loss, grad_norm, aux = stats.loss, stats.grad_norm, stats.aux_loss
             if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -381,7 +368,9 @@ class _Trainer:
                     f"checkpoint ({kept or 'none written yet'}) — lower the learning rate or use fp32, then continue "
                     "with --resume"
                 )
-            if self.scaler is not None:
+            if stepped:
+                pass
+            elif self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
@@ -410,8 +399,8 @@ class _Trainer:
             )
             record = {
                 "step": step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
-                "tokens_per_s": round(tps, 1), "mfu": round(mfu, 5), "epoch": round(self.batches.epoch, 4),
-                "elapsed_s": round(self.elapsed(), 3),
+                "tokens_per_s": round(tps, 1), "mfu": round(mfu, 5),
+                "elapsed_s": round(self.elapsed(), 3), **stats.metrics, **self.method.log(),
             }  # fmt: skip
             if aux is not None:
                 record["aux_loss"] = aux

@@ -1,14 +1,19 @@
-"""What a run needs before its first step: the run folder, the data, the model config, the precision.
+"""What a run needs before its first step: checked inputs, the run folder, the data, the model, the
+precision.
 
-`prepare_data` turns `--data` into a prepared dataset: a prepared folder is used as is; raw files (or,
+`check_inputs` validates everything that can be checked without doing work (paths, the preset and its
+overrides, the context length, the batch split, the `init_from` folder), so a bad argument stops the
+run before any folder is created. `prepare_data` turns `--data` into a prepared dataset: a prepared folder is used as is; raw files (or,
 when none are given, the embedded default corpus) go through `lmstack.data.pipeline.prepare_dataset`,
 which curates them, trains the BPE tokenizer unless one is given, and writes the token shards into
-`<run>/data`. The model's vocabulary then comes from that tokenizer.
+`<run>/data`. The model's vocabulary then comes from that tokenizer. `initial_model` builds the preset
+fresh, or loads `init_from` (whose tokenizer the data is then tokenized with).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import time
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lmstack.atomic import atomic_write_text, writable_dir
 from lmstack.config import ModelConfig
@@ -24,6 +30,62 @@ from lmstack.errors import InputError
 from lmstack.train import distributed as dist_mod
 from lmstack.train.config import TrainConfig
 from lmstack.train.distributed import DistInfo
+
+
+def check_inputs(config: TrainConfig, info: DistInfo) -> None:
+    """Raise `InputError` for anything wrong with `config` that is knowable before any work starts."""
+    from lmstack.data.pipeline import is_prepared_dataset
+
+    prepared = len(config.data) == 1 and is_prepared_dataset(config.data[0])
+    if prepared and config.tokenizer is not None:
+        raise InputError(
+            f"{config.data[0]} is a prepared dataset, which carries its own tokenizer — drop --tokenizer "
+            "or give raw text files"
+        )
+    if not prepared:
+        for path in config.data:
+            if not Path(path).expanduser().exists():
+                raise InputError(
+                    f"data path not found: {path} — give text files or folders, or a prepared dataset folder"
+                )
+    if config.tokenizer is not None and not Path(config.tokenizer).expanduser().is_dir():
+        raise InputError(f"tokenizer folder not found: {config.tokenizer} — give a tokenizer folder")
+    if not prepared:
+        from lmstack.data.config import DataConfig
+
+        DataConfig.from_dict(config.data_config)
+    planned = planned_model_config(config)
+    seq_len = config.seq_len or planned.max_seq_len
+    if seq_len > planned.max_seq_len:
+        where = "the checkpoint's config" if config.init_from else "the `model` section"
+        raise InputError(
+            f"seq_len {seq_len} is longer than the model's context (max_seq_len={planned.max_seq_len}) — use "
+            f"seq_len <= {planned.max_seq_len}, or raise max_seq_len in {where}"
+        )
+    micro = config.micro_batch_size or config.batch_size // info.world_size
+    if micro < 1 or config.batch_size % (micro * info.world_size):
+        raise InputError(
+            f"batch_size {config.batch_size} is not a multiple of micro_batch_size {micro} × {info.world_size} "
+            "processes — choose sizes that divide evenly"
+        )
+
+
+def planned_model_config(config: TrainConfig) -> ModelConfig:
+    """The model's config as far as it is known before the tokenizer exists: `init_from`'s, or the
+    preset with the overrides (building it validates every override)."""
+    if config.init_from is not None:
+        from lmstack.interop.folders import resolve_model_dir
+
+        if not Path(config.init_from).expanduser().is_dir():
+            raise InputError(
+                f"init_from {config.init_from!r} is not a folder — give a checkpoint, run or Hugging Face folder "
+                "(a preset has no trained weights: use --preset to train one from scratch)"
+            )
+        return ModelConfig.from_hf(resolve_model_dir(config.init_from))
+    from types import SimpleNamespace
+
+    placeholder = SimpleNamespace(vocab_size=config.vocab_size, eos_id=config.vocab_size - 1, bos_id=None)
+    return model_config_for(config, placeholder)
 
 
 def resolve_run_dir(config: TrainConfig, info: DistInfo) -> Path:
@@ -41,17 +103,12 @@ def prepare_data(config: TrainConfig, run_dir: Path, info: DistInfo) -> Any:
     from lmstack.data.pipeline import is_prepared_dataset, load_dataset_info, prepare_dataset
 
     if len(config.data) == 1 and is_prepared_dataset(config.data[0]):
-        if config.tokenizer is not None:
-            raise InputError(
-                f"{config.data[0]} is a prepared dataset, which carries its own tokenizer — drop --tokenizer "
-                "or give raw text files"
-            )
         return load_dataset_info(config.data[0])
-    for path in config.data:
-        if not Path(path).expanduser().exists():
-            raise InputError(
-                f"data path not found: {path} — give text files or folders, or a prepared dataset folder"
-            )
+    tokenizer = config.tokenizer
+    if config.init_from is not None:
+        from lmstack.interop.folders import resolve_model_dir
+
+        tokenizer = str(resolve_model_dir(config.init_from))  # the checkpoint's own tokenizer
     data_config = DataConfig.from_dict(config.data_config)
     out = run_dir / "data"
 
@@ -62,7 +119,7 @@ def prepare_data(config: TrainConfig, run_dir: Path, info: DistInfo) -> Any:
         return prepare_dataset(
             inputs,
             out,
-            tokenizer=config.tokenizer,
+            tokenizer=tokenizer,
             vocab_size=config.vocab_size,
             config=data_config,
             progress=config.progress,
@@ -115,6 +172,30 @@ def model_config_for(config: TrainConfig, tokenizer: Any) -> ModelConfig:
         return ModelConfig(name=config.preset, **values)
     except TypeError as exc:
         raise InputError(f"bad model override: {exc} — check the `model` section of the config") from None
+
+
+def initial_model(config: TrainConfig, tokenizer: Any, device: torch.device) -> nn.Module:
+    """The model step 0 starts from: the preset built fresh (seeded), or `init_from`'s weights in
+    float32 (master weights; autocast supplies the low precision), with the run's dropout."""
+    from lmstack.model import build_model
+
+    if config.init_from is None:
+        model_config = model_config_for(config, tokenizer)
+        return build_model(model_config, device=device, attn_impl=config.attn_impl, seed=config.seed)
+    from lmstack.interop.folders import load_model_and_tokenizer
+
+    model, own = load_model_and_tokenizer(config.init_from, dtype=torch.float32)
+    if own.content_hash != tokenizer.content_hash:
+        raise InputError(
+            f"the data was tokenized with another tokenizer than init_from's ({config.init_from}) — give raw "
+            "text (it is then tokenized with the checkpoint's tokenizer) or a dataset prepared with it"
+        )
+    if config.dropout is not None and config.dropout != model.config.dropout:
+        loaded = model
+        model = build_model(dataclasses.replace(loaded.config, dropout=config.dropout), seed=config.seed)
+        model.load_state_dict(loaded.state_dict())
+    model.set_attn_impl(config.attn_impl)
+    return model.to(device)
 
 
 def config_hash(model_config: ModelConfig) -> str:

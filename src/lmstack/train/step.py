@@ -1,10 +1,13 @@
-"""One optimizer step of causal-LM training, as a function both the trainer and the benchmark call.
+"""One optimizer step, as functions both the trainer and the benchmark call.
 
-Teacher forcing: every position predicts the next token of the real text (never the model's own
-output) and the loss is the mean cross-entropy over all positions. A step accumulates gradients over
-micro-batches until it has seen the whole batch (seed 001, "gradient accumulation"), DDP averaging
-them over processes, then clips the global gradient norm; the caller takes the optimizer step once it
-has checked the loss is finite.
+A step accumulates gradients over micro-batches until it has seen the whole batch (gradient
+accumulation: the mean of the micro-batch means equals the mean over the batch), DDP averaging them
+over processes, then clips the global gradient norm; the caller takes the optimizer step once it has
+checked the loss is finite. What the loss is comes from the method (method.py): `accumulate_gradients`
+takes any `loss(model, batch) -> (objective, metrics)`.
+
+Causal-LM pretraining uses teacher forcing: every position predicts the next token of the real text
+(never the model's own output) and the loss is the mean cross-entropy over all positions.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,8 +24,10 @@ from torch import nn
 
 from lmstack.train import distributed as dist_mod
 from lmstack.train.distributed import DistInfo
+from lmstack.train.method import MetricValue, to_device
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MethodLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, MetricValue]]]
 
 
 def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -39,11 +44,71 @@ def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
     return loss
 
 
+def next_token_objective(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: LossFn, aux_loss_coef: float = 0.0
+) -> tuple[torch.Tensor, dict[str, MetricValue]]:
+    """Cross-entropy of `model(x)` against `y`, plus `aux_loss_coef` × the MoE balancing loss when the
+    model computed one (Shazeer et al. 2017: keeps the router from sending every token to one expert).
+    `train_loss` logs the cross-entropy alone. `model(x)` may return logits or an object with
+    `.logits` (a `transformers` model)."""
+    x, y = batch
+    out = model(x)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    loss = loss_fn(logits, y)
+    aux = getattr(dist_mod.unwrap(model), "aux_loss", None)
+    if aux is not None and aux_loss_coef:
+        return loss + aux_loss_coef * aux, {"train_loss": loss.detach(), "aux_loss": aux.detach()}
+    return loss, {}
+
+
 @dataclass(frozen=True)
 class StepStats:
-    loss: float  # mean main loss over the global batch
+    loss: float  # mean `train_loss` over the global batch
     grad_norm: float  # global norm before clipping
-    aux_loss: float | None  # mean MoE balancing loss (None for dense models)
+    aux_loss: float | None = None  # mean MoE balancing loss (None for dense models)
+    metrics: dict[str, float] = field(default_factory=dict)  # every other value the method logged
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    batches: Iterator[Any],
+    optimizer: torch.optim.Optimizer,
+    loss: MethodLoss,
+    *,
+    accum: int = 1,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = 1.0,
+    device: torch.device | str = "cpu",
+    dist: DistInfo | None = None,
+) -> StepStats:
+    """Forward and backward of `loss` over `accum` micro-batches, then unscale and clip — everything
+    of an optimizer step except `optimizer.step()` itself, which the caller takes once it has checked
+    the loss is finite. Logged values are summed on the device and reduced once per step."""
+    dist = dist or DistInfo()
+    sums: dict[str, torch.Tensor] = {}
+    for micro in range(accum):
+        batch = to_device(next(batches), device)
+        # DDP all-reduces gradients on every backward unless told to wait for the last micro-batch
+        sync = model.no_sync() if dist.enabled and micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                objective, metrics = loss(model, batch)
+            scaled = objective / accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        for name, value in {"train_loss": objective, **metrics}.items():
+            value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+            sums[name] = sums[name] + value if name in sums else value
+    names = sorted(sums)
+    total = torch.stack([torch.as_tensor(sums[n], dtype=torch.float64, device=device) for n in names])
+    values = dict(zip(names, (dist_mod.all_reduce_sum(total, dist) / (accum * dist.world_size)).tolist()))
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    clip = grad_clip if grad_clip is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    train_loss = values.pop("train_loss")
+    return StepStats(train_loss, grad_norm, values.pop("aux_loss", None), values)
 
 
 def train_step(
@@ -60,39 +125,13 @@ def train_step(
     device: torch.device | str = "cpu",
     dist: DistInfo | None = None,
 ) -> StepStats:
-    """Forward and backward over `accum` micro-batches, then unscale and clip — everything of an
-    optimizer step except `optimizer.step()` itself, which the caller takes once it has checked the
-    loss is finite. `model(x)` may return logits or an object with `.logits` (a `transformers` model)."""
-    dist = dist or DistInfo()
+    """`accumulate_gradients` with the causal-LM objective (`next_token_objective`)."""
     loss_fn = loss_fn or causal_lm_loss()
-    inner = dist_mod.unwrap(model)
-    total = torch.zeros(
-        2, dtype=torch.float64, device=device
-    )  # summed main and aux loss; no host sync per micro-batch
-    has_aux = False
-    for micro in range(accum):
-        x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # DDP all-reduces gradients on every backward unless told to wait for the last micro-batch
-        sync = model.no_sync() if dist.enabled and micro < accum - 1 else contextlib.nullcontext()
-        with sync:
-            with autocast():
-                out = model(x)
-                logits = out if isinstance(out, torch.Tensor) else out.logits
-                loss = loss_fn(logits, y)
-                full = loss
-                aux = getattr(inner, "aux_loss", None)
-                if aux is not None and aux_loss_coef:
-                    full = loss + aux_loss_coef * aux
-                    total[1] += aux.detach().double()
-                    has_aux = True
-            scaled = full / accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total[0] += loss.detach().double()
-    total = dist_mod.all_reduce_sum(total, dist) / (accum * dist.world_size)
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    clip = grad_clip if grad_clip is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    return StepStats(float(total[0]), grad_norm, float(total[1]) if has_aux else None)
+
+    def loss(m: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, MetricValue]]:
+        return next_token_objective(m, batch, loss_fn, aux_loss_coef)
+
+    return accumulate_gradients(
+        model, batches, optimizer, loss, accum=accum, autocast=autocast, scaler=scaler,
+        grad_clip=grad_clip, device=device, dist=dist,
+    )  # fmt: skip
