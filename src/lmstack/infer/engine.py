@@ -8,7 +8,8 @@ waiting requests are prefilled from a FIFO queue into the free rows. Keys and va
 needs a block and none is free, the most recently admitted sequence is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed (prompt + tokens so far, one
 prefill) when blocks free up — never dropped. Each request samples with its own generator, so its
-output does not depend on what else shares the batch.
+output does not depend on what else shares the batch. Requests are `SamplingParams`, one choice each,
+with every option `generate` honours (penalties, logits processors, a set of stop ids, logprobs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,7 +41,7 @@ class _Request:
     id: int
     prompt: list[int]
     row: RowState
-    preemptions: int = field(default=0)
+    preemptions: int = 0
 
     @property
     def generated(self) -> list[int]:
@@ -73,9 +74,11 @@ class Engine:
         """Queue a request (one choice); returns its id. `params.stop_ids=None` stops at any of the model's
         EOS ids. Raises InputError for a bad prompt, for `n > 1` (submit each choice as its own request
         with `seed + i`, as `generate` seeds choice i), or if the request could never fit the block pool."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise InputError(
+                f"params must be a SamplingParams, got {type(params).__name__} — build SamplingParams(...)"
+            )
         params = default_stop_ids(params or SamplingParams(), self.config)
-        if not isinstance(params, SamplingParams):
-            raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
         if params.n != 1:
             raise InputError(
                 f"Engine.submit takes one choice per request, got n={params.n} — submit {params.n} requests, "
