@@ -58,6 +58,8 @@ def test_keyword_overrides_are_sampling_params_fields(make_tiny):
         InputError, match="unknown generation option.*temprature.*valid SamplingParams fields: max_new"
     ):
         generate(model, PROMPTS, temprature=0.5)
+    with pytest.raises(InputError, match=r"strategy must be Beam\(...\), Contrastive\(...\) or Speculative"):
+        generate(model, PROMPTS, strategy="beam")
     with pytest.raises(InputError, match=r"speculate_k now goes in strategy=Speculative\(draft, k\)"):
         generate(model, PROMPTS, speculate_k=3)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -37,6 +37,7 @@ from lmstack.model.masks import positions_from_padding
 OnToken = Callable[[int, int], "bool | None"]  # (row, token) -> True to stop that row now
 
 
+@runtime_checkable
 class Strategy(Protocol):
     """A decoding strategy other than plain greedy/sampling (beam.Beam, contrastive.Contrastive,
     speculative.Speculative): it refuses what it cannot honour, then decodes one prompt into a RowState."""
@@ -88,6 +89,11 @@ def generate(
             "cache='rolling' needs a sliding-window model (config.sliding_window) — use 'static'"
         )
     if strategy is not None:
+        if not isinstance(strategy, Strategy):
+            raise InputError(
+                f"strategy must be Beam(...), Contrastive(...) or Speculative(...), got {strategy!r} — "
+                "or None for greedy/sampling"
+            )
         strategy.check(model, params, cache)
     budgets = [context_budget(len(p), params.max_new_tokens, config.max_seq_len) for p in prompts]
     prompts, budgets = expand_choices(prompts, params.n), [b for b in budgets for _ in range(params.n)]

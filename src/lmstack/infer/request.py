@@ -125,7 +125,7 @@ def context_budget(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> in
 
 
 # ---- one choice in flight ----------------------------------------------------------------------------
-OnToken = Callable[[int], "bool | None"]  # (token) -> True to end this choice now
+TokenCallback = Callable[[int], "bool | None"]  # (token) -> True to end this choice now
 
 
 class RowState:
@@ -142,7 +142,7 @@ class RowState:
         budget: int,
         vocab_size: int,
         device: torch.device | str,
-        on_token: OnToken | None = None,
+        on_token: TokenCallback | None = None,
     ):
         self.params, self.budget, self.on_token = params, budget, on_token
         self.sampler = RequestSampler(params, prompt, vocab_size, device)
