@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lmstack.config import ModelConfig  # noqa: E402
-from lmstack.infer import Engine, SamplingParams, generate, optimize_for_decode  # noqa: E402
+from lmstack.infer import Engine, SamplingParams, Speculative, generate, optimize_for_decode  # noqa: E402
 from lmstack.interop.hf import from_pretrained, save_pretrained  # noqa: E402
 from lmstack.model import build_model  # noqa: E402
 
@@ -291,9 +291,9 @@ def bench_speculative(target, draft, ids, n_new: int, ks: list[int], repeats: in
     prompts = [ids[s : s + 48].tolist() for s in starts]
 
     def run(k: int | None):
-        kwargs = {} if k is None else {"draft": draft, "speculate_k": k}
+        strategy = None if k is None else Speculative(draft, k)
         return [
-            generate(target, [p], max_new_tokens=n_new, stop_ids=(), details=True, **kwargs)[0]
+            generate(target, [p], max_new_tokens=n_new, stop_ids=(), details=True, strategy=strategy)[0]
             for p in prompts
         ]
 

@@ -79,7 +79,8 @@ class ModelConfig:
     dropout: float = 0.0
     # token ids
     bos_id: int | None = None
-    eos_id: int | None = None
+    eos_id: int | None = None  # the primary end-of-sequence id (what training appends)
+    extra_eos_ids: tuple[int, ...] = ()  # further ids that also end a reply (Llama 3: <|eot_id|>)
     pad_id: int | None = None
     # provenance
     family: str = "llama"
@@ -87,6 +88,8 @@ class ModelConfig:
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.extra_eos_ids, (list, tuple)):  # JSON gives a list
+            object.__setattr__(self, "extra_eos_ids", tuple(self.extra_eos_ids))
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.head_dim is None:
@@ -190,8 +193,28 @@ class ModelConfig:
                     f"{name}={value} is outside the vocabulary [0, {self.vocab_size})",
                     f"set {name} to a valid id or None",
                 )
+        extra = self.extra_eos_ids
+        if not isinstance(extra, tuple) or any(
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in extra
+        ):
+            _bad(
+                "extra_eos_ids",
+                f"must be token ids in [0, {self.vocab_size}), got {extra!r}",
+                "list valid ids, or () for none",
+            )
+        if extra and self.eos_id is None:
+            _bad(
+                "extra_eos_ids", "are set but eos_id is None", "set eos_id to the primary end-of-sequence id"
+            )
+        if self.eos_id in extra or len(set(extra)) != len(extra):
+            _bad("extra_eos_ids", f"repeat an id ({extra!r}, eos_id={self.eos_id})", "list each id once")
 
     # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a sequence, the primary `eos_id` first; generation stops at any of them."""
+        return () if self.eos_id is None else (self.eos_id, *self.extra_eos_ids)
+
     @property
     def q_dim(self) -> int:
         return self.n_heads * self.head_dim

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmstack.infer import generate
+from lmstack.infer import Contrastive, generate
 
 
 def reference_contrastive(model, prompt, k, alpha, n):
@@ -32,7 +32,9 @@ def reference_contrastive(model, prompt, k, alpha, n):
 def test_contrastive_matches_reference(make_tiny, alpha, k, cache):
     model = make_tiny(seed=5)
     prompts = [[3, 17, 42, 8, 8, 19], [5, 1]]
-    got = generate(model, prompts, max_new_tokens=12, top_k=k, penalty_alpha=alpha, cache=cache, stop_ids=())
+    got = generate(
+        model, prompts, max_new_tokens=12, strategy=Contrastive(alpha, k), cache=cache, stop_ids=()
+    )
     for prompt, out in zip(prompts, got):
         assert out == reference_contrastive(model, prompt, k, alpha, 12)
 
@@ -41,14 +43,14 @@ def test_contrastive_with_zero_alpha_is_greedy_and_differs_otherwise(make_tiny):
     model = make_tiny(seed=5)
     prompt = [[3, 17, 42, 8, 8, 19]]
     greedy = generate(model, prompt, max_new_tokens=16, stop_ids=())
-    assert generate(model, prompt, max_new_tokens=16, top_k=4, penalty_alpha=0.0, stop_ids=()) == greedy
-    assert generate(model, prompt, max_new_tokens=16, top_k=4, penalty_alpha=0.6, stop_ids=()) != greedy
+    assert generate(model, prompt, max_new_tokens=16, strategy=Contrastive(0.0, 4), stop_ids=()) == greedy
+    assert generate(model, prompt, max_new_tokens=16, strategy=Contrastive(0.6, 4), stop_ids=()) != greedy
 
 
 def test_contrastive_on_a_sliding_window_model_with_rolling_cache(make_tiny):
     model = make_tiny(seed=6, sliding_window=5)
     prompt = [4, 9, 33, 2, 50, 7, 7, 12]
     got = generate(
-        model, [prompt], max_new_tokens=10, top_k=3, penalty_alpha=0.5, cache="rolling", stop_ids=()
+        model, [prompt], max_new_tokens=10, strategy=Contrastive(0.5, 3), cache="rolling", stop_ids=()
     )
     assert got[0] == reference_contrastive(model, prompt, 3, 0.5, 10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmstack.infer import CACHE_KINDS, generate
+from lmstack.infer import CACHE_KINDS, Beam, generate
 
 from .conftest import HF_FAMILIES, VOCAB  # noqa: F401  (importlib mode resolves the package-relative import)
 
@@ -81,16 +81,16 @@ def test_beam_search_matches_transformers(hf_pair, family, num_beams, length_pen
     eos = generate(plain, prompts[:1], max_new_tokens=8, stop_ids=())[0][3]
     hf, ours = hf_pair(family, eos_id=eos)
     for prompt in prompts:
-        kwargs = dict(max_new_tokens=12, num_beams=num_beams, length_penalty=length_penalty)
-        ref = _hf_generate(hf, [prompt], do_sample=False, early_stopping=early_stopping, **kwargs)
-        got = generate(ours, [prompt], early_stopping=early_stopping, **kwargs)
+        kwargs = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+        ref = _hf_generate(hf, [prompt], max_new_tokens=12, do_sample=False, **kwargs)
+        got = generate(ours, [prompt], max_new_tokens=12, strategy=Beam(**kwargs))
         assert got == ref, (prompt, got, ref)
 
 
 def test_beam_search_with_no_repeat_ngram_matches_transformers(hf_pair):
     hf, ours = hf_pair("llama")
     prompt = _batch(4, lengths=(6,))
-    kwargs = dict(max_new_tokens=14, num_beams=3, no_repeat_ngram_size=2, repetition_penalty=1.2)
-    assert generate(ours, prompt, stop_ids=(), **kwargs) == _hf_generate(
-        hf, prompt, do_sample=False, **kwargs
+    kwargs = dict(max_new_tokens=14, no_repeat_ngram_size=2, repetition_penalty=1.2)
+    assert generate(ours, prompt, stop_ids=(), strategy=Beam(3), **kwargs) == _hf_generate(
+        hf, prompt, do_sample=False, num_beams=3, **kwargs
     )

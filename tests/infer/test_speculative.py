@@ -8,7 +8,8 @@ import itertools
 import pytest
 import torch
 
-from lmstack.infer import SamplingParams, generate
+from lmstack.infer import SamplingParams, Speculative, generate
+from lmstack.infer.request import RowState
 from lmstack.infer.speculative import speculative_generate
 
 
@@ -34,7 +35,7 @@ def test_greedy_speculative_is_identical_to_target(make_tiny, k, cache, penalty)
     prompts = [[1, 5, 9, 22], [40, 2, 2, 7, 13, 8, 30]]
     plain = generate(target, prompts, max_new_tokens=25, stop_ids=(), repetition_penalty=penalty)
     got = generate(
-        target, prompts, max_new_tokens=25, stop_ids=(), draft=draft, speculate_k=k, cache=cache, details=True,
+        target, prompts, max_new_tokens=25, stop_ids=(), strategy=Speculative(draft, k), cache=cache, details=True,
         repetition_penalty=penalty,
     )  # fmt: skip
     assert [g.tokens for g in got] == plain
@@ -49,7 +50,7 @@ def test_greedy_speculative_with_sliding_window_and_rolling_cache(make_tiny):
     prompt = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]
     plain = generate(target, prompt, max_new_tokens=30, stop_ids=())
     assert (
-        generate(target, prompt, max_new_tokens=30, stop_ids=(), draft=draft, speculate_k=4, cache="rolling")
+        generate(target, prompt, max_new_tokens=30, stop_ids=(), strategy=Speculative(draft), cache="rolling")
         == plain
     )
 
@@ -63,7 +64,7 @@ def test_greedy_speculative_with_an_unrelated_draft_and_stop_id(make_tiny):
     stop = plain[9]
     expected = plain[: plain.index(stop) + 1]
     got = generate(
-        target, [[7, 7, 8]], max_new_tokens=20, stop_ids=[stop], draft=draft, speculate_k=3, details=True
+        target, [[7, 7, 8]], max_new_tokens=20, stop_ids=[stop], strategy=Speculative(draft, 3), details=True
     )[0]
     assert got.tokens == expected and got.finish_reason == "stop"
 
@@ -121,9 +122,8 @@ def test_speculative_sampling_distribution_is_exactly_the_target(make_tiny, k, t
     with torch.no_grad():
         while scripts:
             chooser = EnumeratingChooser(scripts.pop())
-            out = speculative_generate(
-                target, draft, prompt, k=k, max_new_tokens=n, params=params, chooser=chooser
-            )
+            row = RowState(params, prompt, n, target.config.vocab_size, "cpu")
+            out = speculative_generate(target, draft, prompt, row, k=k, chooser=chooser)
             scripts += chooser.new_branches
             outcome[tuple(out.tokens)] = outcome.get(tuple(out.tokens), 0.0) + chooser.prob
     expected = _target_joint(target, prompt, n, params)
@@ -152,8 +152,7 @@ def test_speculative_sampling_passes_chi_square(make_tiny):
             temperature=1.0,
             stop_ids=(),
             seed=seed,
-            draft=draft,
-            speculate_k=2,
+            strategy=Speculative(draft, k=2),
         )
         key = tuple(out[0][:2])
         counts[key] = counts.get(key, 0) + 1
@@ -168,10 +167,13 @@ def test_draft_with_a_different_tokenizer_is_refused(make_tiny):
     target = make_tiny(seed=1)
     other_vocab = make_tiny(vocab=60, seed=2)
     with pytest.raises(ValueError, match="vocabulary"):
-        generate(target, [[1, 2]], max_new_tokens=4, draft=other_vocab)
+        generate(target, [[1, 2]], max_new_tokens=4, strategy=Speculative(other_vocab))
     same_vocab = make_tiny(seed=2)
     target.tokenizer_hash, same_vocab.tokenizer_hash = "a" * 64, "b" * 64
     with pytest.raises(ValueError, match="tokenizer"):
-        generate(target, [[1, 2]], max_new_tokens=4, draft=same_vocab)
+        generate(target, [[1, 2]], max_new_tokens=4, strategy=Speculative(same_vocab))
     same_vocab.tokenizer_hash = "a" * 64
-    assert len(generate(target, [[1, 2]], max_new_tokens=4, draft=same_vocab, stop_ids=())[0]) == 4
+    assert (
+        len(generate(target, [[1, 2]], max_new_tokens=4, strategy=Speculative(same_vocab), stop_ids=())[0])
+        == 4
+    )

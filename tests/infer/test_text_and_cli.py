@@ -60,8 +60,11 @@ def test_chat_template_and_plain_transcript(tok_and_model):
         (dict(max_new_tokens=4, top_p=0.0), r"top_p must lie in \(0, 1\]"),
         (dict(max_new_tokens=4, top_p=1.5), r"top_p must lie in \(0, 1\]"),
         (dict(max_new_tokens=4, temperature=-0.1), "temperature must be >= 0"),
-        (dict(max_new_tokens=4, num_beams=2, temperature=0.5), "beam search is deterministic"),
-        (dict(max_new_tokens=4, penalty_alpha=0.5), "top_k >= 2"),
+        (
+            dict(max_new_tokens=4, num_beams=2),
+            r"num_beams now goes in strategy=Beam\(.*valid SamplingParams fields",
+        ),
+        (dict(max_new_tokens=4, temprature=0.5), "unknown generation option.*temprature.*temperature"),
         (dict(max_new_tokens=4, cache="nope"), "unknown cache"),
     ],
 )
@@ -149,3 +152,25 @@ def test_cli_errors_are_one_line(tmp_path, run_folder, capsys):
         main(["generate", "--model", str(run_folder), "hi", "--top-p", "2"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "top_p must lie in (0, 1]" in err and err.count("\n") == 1
+
+
+def test_cli_strategy_flags_build_the_strategy_objects(run_folder, tok_and_model, capsys):
+    from lmstack.infer import Beam, Contrastive
+
+    tok, model = tok_and_model
+    base = ["generate", "--model", str(run_folder), "To be", "--max-new-tokens", "8"]
+    for flags, strategy in (
+        (["--penalty-alpha", "0.5", "--top-k", "3"], Contrastive(0.5, 3)),
+        (["--beams", "3"], Beam(3)),
+    ):
+        assert main(base + flags) == 0
+        expected = generate_text(model, tok, "To be", max_new_tokens=8, strategy=strategy)
+        assert capsys.readouterr().out == expected + "\n"
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--beams", "2", "--penalty-alpha", "0.5", "--top-k", "3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "choose one decoding strategy, got --beams and --penalty-alpha" in err
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--beams", "2", "--temperature", "0.7"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "beam search is deterministic" in err and err.count("\n") == 1

@@ -36,8 +36,12 @@ def v5(config: dict) -> dict:
 def test_llama31_both_layouts_match_the_preset():
     for data in (LLAMA_V4, v5(LLAMA_V4)):
         config = ModelConfig.from_hf(data)
-        assert config == dataclasses.replace(ModelConfig.preset("llama3.1-8b"), hf_repo=None)
-        assert config.eos_id == 128001  # the first of the list
+        preset = ModelConfig.preset("llama3.1-8b")  # the base model, whose config lists one EOS id
+        assert config == dataclasses.replace(preset, hf_repo=None, extra_eos_ids=(128008, 128009))
+        assert config.eos_id == 128001  # the first of the list is the primary one
+        assert config.eos_ids == (128001, 128008, 128009)  # generation stops at any of them
+        assert config_to_hf(config)["eos_token_id"] == [128001, 128008, 128009]
+        assert ModelConfig.from_dict(json.loads(config.to_json())) == config  # a list in JSON
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """`lmstack generate` and `lmstack chat`: text generation from a checkpoint or run folder.
 
-Thin wrappers over `lmstack.infer.generate_text`: they load the model (`interop.hf.from_pretrained`)
-and its tokenizer (`Tokenizer.load`) from the folder `--model` names — a checkpoint folder, or a run
-folder meaning its latest checkpoint — and print the generated text.
+Thin wrappers over `lmstack.infer.generate_text`: they load the model and its tokenizer
+(`interop.folders.load_model_and_tokenizer`) from the folder `--model` names — a checkpoint folder, or
+a run folder meaning its latest checkpoint — and print the generated text. `--beams`,
+`--penalty-alpha` and `--draft` choose the `Beam`, `Contrastive` or `Speculative` strategy.
 """
 
 from __future__ import annotations
@@ -31,10 +32,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen = subparsers.add_parser("generate", help="generate text from a prompt", description=__doc__)
     gen.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (read from stdin when omitted)")
     _model_args(gen)
-    gen.add_argument("--beams", type=int, default=1, help="beam search with this many beams (greedy scoring)")
-    gen.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search (with --top-k)")
-    gen.add_argument("--draft", type=Path, default=None, help="draft model folder for speculative decoding")
-    gen.add_argument("--speculate-k", type=int, default=4, help="draft tokens proposed per step (default 4)")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.set_defaults(func=run_generate)
 
@@ -60,17 +57,25 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--beams", type=int, default=1, help="beam search with this many beams (Beam strategy)")
+    p.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search (with --top-k)")
+    p.add_argument("--draft", type=Path, default=None, help="draft model folder for speculative decoding")
+    p.add_argument("--speculate-k", type=int, default=4, help="draft tokens proposed per step (default 4)")
     p.add_argument("--cache", default="static", choices=CACHES, help="KV cache (default static)")
     p.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"], help="load dtype"
     )
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate_text` keywords from the flags: the strategy, the cache and SamplingParams fields."""
+    strategy = _strategy(args)
+    contrastive = args.penalty_alpha is not None  # --top-k then counts the search's candidates
     return dict(
+        strategy=strategy,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
-        top_k=args.top_k,
+        top_k=None if contrastive else args.top_k,
         top_p=args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
@@ -80,6 +85,33 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _strategy(args: argparse.Namespace):
+    """The decoding strategy the flags ask for (None: greedy or sampling); at most one may be chosen."""
+    from lmstack.infer import Beam, Contrastive, Speculative
+
+    chosen = [
+        flag
+        for flag, on in (
+            ("--beams", args.beams != 1),
+            ("--penalty-alpha", args.penalty_alpha is not None),
+            ("--draft", args.draft is not None),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        raise InputError(f"choose one decoding strategy, got {' and '.join(chosen)} — drop all but one")
+    if args.beams != 1:
+        return Beam(args.beams)
+    if args.penalty_alpha is not None:
+        if args.top_k is None:
+            raise InputError("--penalty-alpha needs --top-k candidates — e.g. --penalty-alpha 0.6 --top-k 4")
+        return Contrastive(args.penalty_alpha, args.top_k)
+    if args.draft is not None:
+        draft, _ = load_model_and_tokenizer(args.draft, dtype=args.dtype)
+        return Speculative(draft, args.speculate_k)
+    return None
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from lmstack.infer import generate_text
 
@@ -87,12 +119,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if not prompt:
         raise InputError("the prompt is empty — pass PROMPT or pipe text on stdin")
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
-    kwargs = _sampling_kwargs(args)
-    kwargs.update(num_beams=args.beams, penalty_alpha=args.penalty_alpha, speculate_k=args.speculate_k)
-    if args.draft is not None:
-        kwargs["draft"], _ = load_model_and_tokenizer(args.draft, dtype=args.dtype)
     on_text = (lambda _row, piece: print(piece, end="", flush=True)) if args.stream else None
-    result = generate_text(model, tokenizer, prompt, on_text=on_text, details=True, **kwargs)[0]
+    result = generate_text(
+        model, tokenizer, prompt, on_text=on_text, details=True, **_generation_kwargs(args)
+    )[0]
     if not args.stream:
         print(result.text, end="")
     print()
@@ -105,6 +135,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from lmstack.infer import generate_text
 
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    kwargs = _generation_kwargs(args)
     if not tokenizer.chat_template:
         print(TRANSCRIPT_NOTICE, file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -123,7 +154,7 @@ def run_chat(args: argparse.Namespace) -> int:
             tokenizer,
             messages,
             on_text=lambda _row, piece: print(piece, end="", flush=True),
-            **_sampling_kwargs(args),
+            **kwargs,
         )
         print()
         messages.append({"role": "assistant", "content": reply.strip()})

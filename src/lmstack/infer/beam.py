@@ -17,34 +17,82 @@ as `transformers` does; penalties and the no-repeat-n-gram ban apply to them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from dataclasses import dataclass
 
 import torch
 
+from lmstack.errors import InputError
 from lmstack.infer.cache import make_cache
-from lmstack.infer.generate import Generation
+from lmstack.infer.request import RowState
 from lmstack.infer.sampling import RequestSampler, SamplingParams
 
 BIG = 1.0e9  # the "impossible" score offset used by transformers
 
 
+@dataclass(frozen=True)
+class Beam:
+    """Beam search strategy for `generate(..., strategy=Beam(4))`.
+
+    Honours max_new_tokens, stop_ids, the penalties, no_repeat_ngram_size and logits_processors (applied
+    to each beam's log-probabilities). Refuses what a deterministic search cannot mean: temperature > 0
+    and the sampling filters, n > 1 (the beams are not independent choices), logprobs, and the paged
+    cache (beams reorder cache rows).
+    """
+
+    num_beams: int
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise InputError(f"Beam.num_beams must be an integer >= 1, got {self.num_beams!r} — e.g. 4")
+        if (
+            isinstance(self.length_penalty, bool)
+            or not isinstance(self.length_penalty, (int, float))
+            or (not math.isfinite(self.length_penalty))
+        ):
+            raise InputError(
+                f"Beam.length_penalty must be a finite number, got {self.length_penalty!r} — e.g. 1.0"
+            )
+        if self.early_stopping not in (True, False, "never"):
+            raise InputError(
+                f"Beam.early_stopping must be True, False or 'never', got {self.early_stopping!r}"
+            )
+
+    def check(self, model: torch.nn.Module, params: SamplingParams, cache: str) -> None:
+        if not params.greedy:
+            raise InputError(
+                f"beam search is deterministic here, got temperature={params.temperature} — use temperature=0"
+            )
+        for name in ("top_k", "top_p", "min_p"):
+            if getattr(params, name) is not None:
+                raise InputError(f"beam search does not sample, so {name} has no effect — leave {name}=None")
+        if params.n > 1:
+            raise InputError(
+                f"beam search returns one best hypothesis, got n={params.n} — use n=1 (or sampling for n choices)"
+            )
+        if params.logprobs is not None:
+            raise InputError("beam search does not report logprobs — use logprobs=None, or no strategy")
+        if cache == "paged":
+            raise InputError(
+                "beam search reorders cache rows — use cache='static', 'hybrid', 'dynamic' or 'rolling'"
+            )
+
+    def decode(self, model: torch.nn.Module, prompt: list[int], row: RowState, cache: str) -> None:
+        beam_search(model, prompt, self, row, cache=cache)
+
+
 def beam_search(
-    model: torch.nn.Module,
-    prompt: list[int],
-    *,
-    num_beams: int,
-    max_new_tokens: int,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    params: SamplingParams,
-    cache: str = "static",
-    on_token: Callable[[int], object] | None = None,
-) -> Generation:
-    """The best finished hypothesis for one prompt; `stats['score']` is its length-penalised score."""
+    model: torch.nn.Module, prompt: list[int], beam: Beam, row: RowState, *, cache: str = "static"
+) -> None:
+    """The best finished hypothesis for one prompt into `row`; `stats['score']` is its length-penalised score."""
     config = model.config
+    params, max_new_tokens = row.params, row.budget
+    num_beams, length_penalty, early_stopping = beam.num_beams, beam.length_penalty, beam.early_stopping
     device, dtype = model.device, model.dtype
-    stop_ids = torch.tensor(params.stop_ids or (), dtype=torch.long, device=device)
-    keep = max(2, 1 + len(params.stop_ids or ())) * num_beams
+    stop_ids = torch.tensor(sorted(params.stop_ids), dtype=torch.long, device=device)
+    keep = max(2, 1 + len(params.stop_ids)) * num_beams
     top_mask = torch.arange(keep, device=device) < num_beams  # only the top num_beams may finish
     P = len(prompt)
 
@@ -119,12 +167,10 @@ def beam_search(
         logits = model(running[:, t : t + 1], positions=positions, cache=kv)[:, -1]
 
     n = int(finished_len[0])
-    tokens = finished[0, :n].tolist()
-    if on_token is not None:
-        for tok in tokens:
-            on_token(tok)
-    reason = "stop" if tokens and tokens[-1] in (params.stop_ids or ()) else "length"
-    return Generation(tokens, reason, stats={"score": float(finished_scores[0])})
+    row.result.stats["score"] = float(finished_scores[0])
+    for token in finished[0, :n].tolist():
+        if row.emit(token):
+            break
 
 
 def _fork(sampler: RequestSampler) -> RequestSampler:

@@ -1,4 +1,4 @@
-"""Continuous batching over a paged KV cache (seed 001, "Continuous Batching"; Yu et al. 2022, Orca;
+"""Continuous batching over a paged KV cache (Yu et al. 2022, Orca;
 Kwon et al. 2023, vLLM).
 
 Static batching runs a batch until its longest member ends, so short requests leave their rows idle.
@@ -8,7 +8,8 @@ waiting requests are prefilled from a FIFO queue into the free rows. Keys and va
 needs a block and none is free, the most recently admitted sequence is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed (prompt + tokens so far, one
 prefill) when blocks free up — never dropped. Each request samples with its own generator, so its
-output does not depend on what else shares the batch.
+output does not depend on what else shares the batch. Requests are `SamplingParams`, one choice each,
+with every option `generate` honours (penalties, logits processors, a set of stop ids, logprobs).
 """
 
 from __future__ import annotations
@@ -16,38 +17,35 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 
 from lmstack.errors import InputError
 from lmstack.infer.cache import PagedCache
-from lmstack.infer.generate import Generation, context_budget
-from lmstack.infer.sampling import RequestSampler, SamplingParams, token_logprobs
+from lmstack.infer.request import (
+    Generation,
+    RowState,
+    TokenEvent,
+    context_budget,
+    default_stop_ids,
+    normalise_prompts,
+)
+from lmstack.infer.sampling import SamplingParams
 
-
-@dataclass
-class TokenEvent:
-    """One new token of one request. `token` is None only for a request that ends without a new token
-    (cancelled, or a prompt that already fills the context)."""
-
-    request_id: int
-    token: int | None
-    logprob: float | None
-    finished: bool
-    finish_reason: str | None = None  # "stop", "length" or "cancelled" once finished
-    top_logprobs: list[tuple[int, float]] | None = None
+__all__ = ["Engine", "TokenEvent"]
 
 
 @dataclass
 class _Request:
     id: int
     prompt: list[int]
-    params: SamplingParams
-    budget: int
-    sampler: RequestSampler
-    generated: list[int] = field(default_factory=list)
+    row: RowState
     preemptions: int = 0
+
+    @property
+    def generated(self) -> list[int]:
+        return self.row.tokens
 
 
 class Engine:
@@ -72,19 +70,25 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> int:
-        """Queue a request; returns its id. Raises InputError if it could never fit the block pool."""
-        params = params or SamplingParams()
-        if params.stop_ids is None:
-            stop = () if self.config.eos_id is None else (self.config.eos_id,)
-            params = replace(params, stop_ids=stop)
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise InputError("the prompt is empty — give at least one token (e.g. the BOS id)")
-        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
+        """Queue a request (one choice); returns its id. `params.stop_ids=None` stops at any of the model's
+        EOS ids. Raises InputError for a bad prompt, for `n > 1` (submit each choice as its own request
+        with `seed + i`, as `generate` seeds choice i), or if the request could never fit the block pool."""
+        if params is not None and not isinstance(params, SamplingParams):
             raise InputError(
-                f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size}) — check the tokenizer"
+                f"params must be a SamplingParams, got {type(params).__name__} — build SamplingParams(...)"
             )
+        params = default_stop_ids(params or SamplingParams(), self.config)
+        if params.n != 1:
+            raise InputError(
+                f"Engine.submit takes one choice per request, got n={params.n} — submit {params.n} requests, "
+                "choice i with seed=seed + i (what generate does for n choices)"
+            )
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.tolist()
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise InputError("the prompt is empty — give at least one token (e.g. the BOS id)")
+        prompt = normalise_prompts([prompt_ids], self.config.vocab_size)[0]
         budget = context_budget(len(prompt), params.max_new_tokens, self.config.max_seq_len)
         need = math.ceil((len(prompt) + budget) / self.block_size)
         if need > self.cache.allocator.n_blocks:
@@ -92,13 +96,8 @@ class Engine:
                 f"a request of {len(prompt)} prompt + {budget} new tokens needs {need} KV blocks of "
                 f"{self.block_size}, the pool has {self.cache.allocator.n_blocks} — raise kv_blocks"
             )
-        request = _Request(
-            self._next_id,
-            prompt,
-            params,
-            budget,
-            RequestSampler(params, prompt, self.config.vocab_size, self.device),
-        )
+        row = RowState(params, prompt, budget, self.config.vocab_size, self.device)
+        request = _Request(self._next_id, prompt, row)
         self._next_id += 1
         self._requests[request.id] = request
         self.waiting.append(request)
@@ -145,7 +144,7 @@ class Engine:
     def _admit(self, events: list[TokenEvent]) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             request = self.waiting[0]
-            if request.budget == 0:  # the prompt fills the context already
+            if request.row.done:  # the prompt fills the context already
                 self.waiting.popleft()
                 self._requests.pop(request.id, None)
                 events.append(TokenEvent(request.id, None, None, True, "length"))
@@ -180,26 +179,20 @@ class Engine:
             self.waiting.appendleft(victim)
 
     def _choose(self, batch: list[_Request], logits: torch.Tensor) -> list[int]:
-        if all(r.params.greedy and not r.params.needs_history for r in batch):
+        if all(r.row.params.greedy and not r.row.params.needs_history for r in batch):
             return logits.argmax(-1).tolist()
-        return [r.sampler.choose(r.sampler.process(row)) for r, row in zip(batch, logits)]
+        return [r.row.choose(row) for r, row in zip(batch, logits)]
 
     def _emit(self, request: _Request, token: int, raw_logits: torch.Tensor) -> TokenEvent:
-        request.generated.append(token)
-        request.sampler.record(token)
-        logprob, top = None, None
-        if request.params.logprobs is not None:
-            logprob, top = token_logprobs(raw_logits, token, request.params.logprobs)
-        reason = None
-        if token in request.params.stop_ids:
-            reason = "stop"
-        elif len(request.generated) >= request.budget:
-            reason = "length"
-        if reason is not None:
+        row = request.row
+        if row.emit(token, raw_logits):
             self.running.remove(request)
             self.cache.free(request.id)
             self._requests.pop(request.id, None)
-        return TokenEvent(request.id, token, logprob, reason is not None, reason, top)
+        logprob, top = None, None
+        if row.result.logprobs is not None:
+            logprob, top = row.result.logprobs[-1], row.result.top_logprobs[-1]
+        return TokenEvent(request.id, token, logprob, row.done, row.finish_reason, top)
 
     # ---- conveniences --------------------------------------------------------------------------
     def stream(self) -> Iterator[TokenEvent]:

@@ -8,7 +8,8 @@ order follows `transformers` (penalties, then temperature, then the truncation f
 - frequency and presence penalties (OpenAI's definition, over generated tokens only):
   logit -= frequency · count + presence · [count > 0];
 - no-repeat n-gram: a token that would complete an n-gram already in the sequence is banned;
-- temperature T (seed 001, Equation 4): softmax(z / T); T = 0 means greedy (argmax);
+- the request's own `logits_processors` (constrained decoding hooks), in order;
+- temperature T: softmax(z / T); T = 0 means greedy (argmax);
 - top-k keeps the k largest logits; top-p (nucleus, Holtzman et al. 2020) keeps the smallest set of
   most likely tokens whose probability sums to at least p; min-p keeps tokens whose probability is at
   least min_p times the largest one.
@@ -19,7 +20,9 @@ not depend on what else runs beside it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -28,13 +31,25 @@ from lmstack.errors import InputError
 NEG_INF = float("-inf")
 
 
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]  # (generated ids, logits (V,)) -> (V,)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. `temperature=0` (the default) is greedy.
+    """Everything one request asks of decoding; `temperature=0` (the default) is greedy.
 
-    `stop_ids=None` stops on the model's `eos_id`; `()` never stops early. `seed` seeds the request's
-    own generator. `logprobs` asks for that many top alternatives' log-probabilities per token (0 gives
-    just the chosen token's), taken from the raw model distribution before any transform.
+    - `stop_ids`: a frozenset of ids that end the choice (the id is part of the output). None means the
+      model's EOS ids (`ModelConfig.eos_ids`: models with several end tokens stop at any); an empty set
+      never stops early. Stop *strings* are a text-level concern (`generate_text`).
+    - `n`: choices per prompt; choice i is sampled with its own generator seeded `seed + i`, so it equals
+      a request for that choice alone with that seed.
+    - `seed`: seeds the request's own generator (None: drawn from torch's global RNG).
+    - `logprobs`: that many top alternatives' log-probabilities per token (0: just the chosen token's),
+      from the raw model distribution before any transform.
+    - `logits_processors`: callables `(ids_so_far, logits) -> logits` on one row (V,), where ids_so_far
+      are the tokens generated so far for this choice (prompt excluded). They run after the built-in
+      penalties and before temperature and the top-k/top-p/min-p filters (`RequestSampler.process`);
+      constrained decoding (e.g. a JSON grammar) masks logits here with -inf.
     """
 
     max_new_tokens: int = 64
@@ -46,13 +61,24 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
-    stop_ids: tuple[int, ...] | None = None
+    stop_ids: frozenset[int] | None = None
+    n: int = 1
     seed: int | None = None
     logprobs: int | None = None
+    logits_processors: tuple[LogitsProcessor, ...] = ()
 
     def __post_init__(self) -> None:
         if self.stop_ids is not None:
-            object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
+            object.__setattr__(self, "stop_ids", _stop_set(self.stop_ids))
+        object.__setattr__(self, "logits_processors", _processors(self.logits_processors))
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                _bad(name, f"must be a number, got {value!r}", "use 0.0 to disable")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            _bad("n", f"must be an integer >= 1, got {self.n!r}", "use 1 for one choice per prompt")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            _bad("seed", f"must be an integer or None, got {self.seed!r}", "use e.g. 0")
         check_sampling(
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
@@ -70,12 +96,47 @@ class SamplingParams:
 
     @property
     def needs_history(self) -> bool:
+        """Whether choosing a token needs more than the logits: penalties, n-gram bans or processors."""
         return (
             self.repetition_penalty != 1.0
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
             or self.no_repeat_ngram_size > 0
+            or bool(self.logits_processors)
         )
+
+
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+
+
+def _bad(name: str, problem: str, fix: str) -> None:
+    raise InputError(f"SamplingParams.{name} {problem} — {fix}")
+
+
+def _stop_set(stop_ids) -> frozenset[int]:
+    if isinstance(stop_ids, int) and not isinstance(stop_ids, bool):
+        stop_ids = (stop_ids,)
+    try:
+        ids = list(stop_ids)
+    except TypeError:
+        _bad("stop_ids", f"must be a set of token ids, got {stop_ids!r}", "pass e.g. {2}, or None for EOS")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            _bad("stop_ids", f"holds {t!r}, not a token id", "pass non-negative integers")
+    return frozenset(ids)
+
+
+def _processors(processors) -> tuple:
+    if callable(processors):
+        processors = (processors,)
+    try:
+        processors = tuple(processors)
+    except TypeError:
+        _bad("logits_processors", f"must be a tuple of callables, got {processors!r}", "pass e.g. (fn,)")
+    for fn in processors:
+        if not callable(fn):
+            _bad("logits_processors", f"holds {fn!r}, which is not callable", "pass (ids, logits) -> logits")
+    return processors
 
 
 def check_sampling(
@@ -239,6 +300,10 @@ class RequestSampler:
                 if banned:
                     z = z.clone()
                     z[banned] = NEG_INF
+            if p.logits_processors:
+                generated = tokens[self.n_prompt :]
+                for fn in p.logits_processors:  # after the penalties, before temperature and filters
+                    z = fn(list(generated), z)
         return warp(z[None], p)[0]
 
     def _history_tensors(self, history: list[int], logits: torch.Tensor):

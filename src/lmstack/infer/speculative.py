@@ -1,4 +1,4 @@
-"""Speculative decoding (Leviathan et al. 2023; seed 001, "Speculative Decoding").
+"""Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding").
 
 A small draft model proposes k tokens one at a time; the target scores all of them in ONE forward pass
 (k + 1 queries offset from the cached keys, which the position-based mask handles) and keeps a prefix:
@@ -19,14 +19,40 @@ random decision goes through a `Chooser`, which lets the tests enumerate all out
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from lmstack.errors import InputError
 from lmstack.infer.cache import make_cache
-from lmstack.infer.generate import Generation
-from lmstack.infer.sampling import RequestSampler, SamplingParams, make_generator, token_logprobs
+from lmstack.infer.request import Generation, RowState
+from lmstack.infer.sampling import RequestSampler, SamplingParams
+
+
+@dataclass(frozen=True)
+class Speculative:
+    """Speculative decoding strategy for `generate(..., strategy=Speculative(draft, k=4))`.
+
+    Honours every SamplingParams option: greedy output equals the target's, sampled output follows the
+    target's processed distribution (penalties, logits processors, temperature, filters), logprobs come
+    from the target's raw logits, and n choices are n independent runs seeded `seed + i`. Refuses a
+    draft that does not share the target's tokenizer.
+    """
+
+    draft: torch.nn.Module
+    k: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.draft, torch.nn.Module) or not hasattr(self.draft, "config"):
+            raise InputError(f"Speculative.draft must be an lmstack model, got {type(self.draft).__name__}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise InputError(f"Speculative.k must be an integer >= 1, got {self.k!r} — e.g. 4")
+
+    def check(self, model: torch.nn.Module, params: SamplingParams, cache: str) -> None:
+        check_same_tokenizer(model, self.draft)
+
+    def decode(self, model: torch.nn.Module, prompt: list[int], row: RowState, cache: str) -> None:
+        speculative_generate(model, self.draft, prompt, row, k=self.k, cache=cache)
 
 
 class Chooser:
@@ -81,19 +107,18 @@ def speculative_generate(
     target: torch.nn.Module,
     draft: torch.nn.Module,
     prompt: list[int],
+    row: RowState,
     *,
-    k: int,
-    max_new_tokens: int,
-    params: SamplingParams,
+    k: int = 4,
     cache: str = "static",
-    on_token: Callable[[int], object] | None = None,
     chooser: Chooser | None = None,
 ) -> Generation:
-    """Generate for one prompt; `stats` reports proposals, acceptances, the acceptance rate and target calls."""
+    """Decode one prompt into `row` (and return its result); `stats` reports proposals, acceptances, the
+    acceptance rate and target calls."""
+    params, max_new_tokens = row.params, row.budget
     device = target.device
-    vocab = target.config.vocab_size
     if chooser is None and not params.greedy:
-        chooser = Chooser(make_generator(params.seed, device))
+        chooser = Chooser(row.sampler.generator)  # the request's own seeded generator
     max_len = len(prompt) + max_new_tokens + k
     caches = {}
     for name, model in (("target", target), ("draft", draft)):
@@ -108,12 +133,10 @@ def speculative_generate(
         target(head, cache=target_cache)
         draft(head, cache=draft_cache)
     draft_pending = [prompt[-1]]
-    sampler = RequestSampler(params, prompt, vocab, device)  # penalties see prompt + accepted tokens
+    sampler = row.sampler  # penalties see prompt + accepted tokens
     seq = list(prompt)
-    want_logprobs = params.logprobs is not None
-    result = Generation([], "length", [] if want_logprobs else None, [] if want_logprobs else None)
+    result = row.result
     proposed = accepted = target_calls = 0
-    stop_ids = set(params.stop_ids or ())
 
     while len(result.tokens) < max_new_tokens:
         n = len(seq)
@@ -155,20 +178,12 @@ def speculative_generate(
         n_accepted = len(new) - 1
         accepted += n_accepted
 
-        # ---- emit, honouring stop ids and the callback ------------------------------------------
+        # ---- emit, honouring stop ids, the budget and the callback ---------------------------------
         for i, token in enumerate(new):
-            result.tokens.append(token)
             seq.append(token)
-            sampler.record(token)
-            if want_logprobs:
-                lp, top = token_logprobs(target_logits[i], token, params.logprobs)
-                result.logprobs.append(lp)
-                result.top_logprobs.append(top)
-            stop_now = on_token(token) if on_token is not None else None
-            if token in stop_ids or stop_now:
-                result.finish_reason = "stop"
+            if row.emit(token, target_logits[i]):
                 break
-        if result.finish_reason == "stop":
+        if row.done:
             break
         # ---- roll both caches back to the accepted prefix ---------------------------------------
         target_cache.truncate(n + n_accepted)
@@ -180,7 +195,7 @@ def speculative_generate(
         else:  # the draft never saw its own last proposal
             draft_pending = [proposals[-1], new[-1]]
 
-    result.stats = {
+    result.stats |= {
         "proposed": proposed,
         "accepted": accepted,
         "acceptance_rate": accepted / proposed if proposed else 0.0,

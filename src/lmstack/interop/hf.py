@@ -42,7 +42,13 @@ from safetensors.torch import save_file
 from lmstack.atomic import replace_dir
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
-from lmstack.interop.hf_config import config_from_hf, config_to_hf, hf_incompatibilities, read_config_json
+from lmstack.interop.hf_config import (
+    config_from_hf,
+    config_to_hf,
+    eos_token_id_field,
+    hf_incompatibilities,
+    read_config_json,
+)
 from lmstack.model import Transformer, build_model
 
 Row = tuple[tuple[str, ...], tuple[str, ...], str]
@@ -442,12 +448,18 @@ def _with_generation_ids(config: ModelConfig, folder: Path, raw: dict[str, Any])
         gen = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return config
-    updates = {}
+    updates: dict[str, Any] = {}
     for ours, theirs in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "pad_token_id")):
-        value = gen.get(theirs)
-        value = value[0] if isinstance(value, list) and value else value
-        if getattr(config, ours) is None and isinstance(value, int) and 0 <= value < config.vocab_size:
-            updates[ours] = value
+        values = gen.get(theirs)
+        values = values if isinstance(values, list) else [values]
+        values = [v for v in values if isinstance(v, int) and 0 <= v < config.vocab_size]
+        if values and getattr(config, ours) is None:
+            updates[ours] = values[0]
+        if ours == "eos_id" and values:  # generate stops at every EOS id either file lists
+            primary = updates.get("eos_id", config.eos_id)
+            extra = tuple(dict.fromkeys(t for t in (*config.extra_eos_ids, *values) if t != primary))
+            if extra != config.extra_eos_ids:
+                updates["extra_eos_ids"] = extra
     return dataclasses.replace(config, **updates) if updates else config
 
 
@@ -523,7 +535,7 @@ def save_pretrained(
 
 
 def _generation_config(config: ModelConfig, tokenizer: Any | None) -> dict[str, Any]:
-    eos = config.eos_id if config.eos_id is not None else getattr(tokenizer, "eos_id", None)
+    eos = eos_token_id_field(config) if config.eos_id is not None else getattr(tokenizer, "eos_id", None)
     return {"bos_token_id": config.bos_id, "eos_token_id": eos, "pad_token_id": config.pad_id}
 
 

@@ -158,19 +158,30 @@ def _getter(data: dict[str, Any], family: str) -> Callable[[str], Any]:
     return get
 
 
-def _token_ids(get: Callable[[str], Any], vocab_size: int) -> dict[str, int | None]:
-    ids = {}
+def _token_ids(get: Callable[[str], Any], vocab_size: int) -> dict[str, Any]:
+    ids: dict[str, Any] = {}
     for ours, theirs in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "pad_token_id")):
-        value = get(theirs)
-        if isinstance(value, list):  # Llama 3 instruct lists several EOS ids; the first is the canonical one
-            value = value[0] if value else None
-        if value is not None and not 0 <= int(value) < vocab_size:
-            warnings.warn(
-                f"{theirs}={value} lies outside the vocabulary of {vocab_size}; ignoring it", stacklevel=3
-            )
-            value = None
-        ids[ours] = None if value is None else int(value)
+        values = get(theirs)
+        # Llama 3 instruct lists several EOS ids (<|end_of_text|>, <|eot_id|>): the first is the primary
+        # one, the rest become extra_eos_ids, and generation stops at any of them
+        values = values if isinstance(values, list) else [values]
+        kept = []
+        for value in values:
+            if value is not None and not 0 <= int(value) < vocab_size:
+                warnings.warn(
+                    f"{theirs}={value} lies outside the vocabulary of {vocab_size}; ignoring it", stacklevel=3
+                )
+            elif value is not None and int(value) not in kept:
+                kept.append(int(value))
+        ids[ours] = kept[0] if kept else None
+        if ours == "eos_id":
+            ids["extra_eos_ids"] = tuple(kept[1:])
     return ids
+
+
+def eos_token_id_field(config: ModelConfig) -> int | list[int] | None:
+    """`eos_token_id` as Hugging Face writes it: one id, or a list when the model has several."""
+    return list(config.eos_ids) if config.extra_eos_ids else config.eos_id
 
 
 def _read_decoder(data: dict[str, Any], family: str) -> dict[str, Any]:
@@ -407,7 +418,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """A `config.json` dict for the family's `transformers` class, with our full config as `lmstack`."""
     c, family = config, FAMILIES[config.family]
     out: dict[str, Any] = {"architectures": [family.architecture], "model_type": family.model_type}
-    ids = dict(bos_token_id=c.bos_id, eos_token_id=c.eos_id, pad_token_id=c.pad_id)
+    ids = dict(bos_token_id=c.bos_id, eos_token_id=eos_token_id_field(c), pad_token_id=c.pad_id)
     if c.family == "gpt2":
         out.update(
             vocab_size=c.vocab_size, n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.d_ff,
