@@ -20,15 +20,16 @@ bytes -> apply merges by rank (`merge.py`) -> ids. A piece's ids are cached, sin
 from __future__ import annotations
 
 import os
-import unicodedata
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import regex
 
 from lmstack.errors import InputError
+from lmstack.tokenizer.components import compile_normalizer, compile_pre_tokenizer
 from lmstack.tokenizer.merge import merge_piece
 from lmstack.tokenizer.pretokenize import (
     count_pieces,
@@ -62,7 +63,9 @@ class Tokenizer:
         byte_ids: Sequence[int] | None = None,
         extra_tokens: Mapping[int, bytes] | None = None,
         added_tokens: Mapping[str, int] | None = None,
-        normalizer: str | None = None,
+        normalizer: str | Mapping[str, Any] | None = None,
+        pre_tokenizer: Mapping[str, Any] | None = None,
+        normalized_tokens: Sequence[str] = (),
         ignore_merges: bool = False,
         bos_token: str | None = None,
         eos_token: str | None = None,
@@ -70,9 +73,16 @@ class Tokenizer:
     ) -> None:
         self.pattern = resolve_pattern(pattern)
         self._compiled = regex.compile(self.pattern)
-        if normalizer not in (None, "NFC"):
-            raise InputError(f"unsupported normalizer {normalizer!r} — only None or 'NFC'")
-        self.normalizer = normalizer
+        self.normalizer = (
+            normalizer if normalizer is None or isinstance(normalizer, str) else dict(normalizer)
+        )
+        self._normalize = compile_normalizer(self.normalizer)
+        self.pre_tokenizer = None if pre_tokenizer is None else dict(pre_tokenizer)
+        self._pre_tokenize = (
+            compile_pre_tokenizer(self.pre_tokenizer)
+            if self.pre_tokenizer is not None
+            else partial(split_pieces, self._compiled)
+        )
         self.ignore_merges = bool(ignore_merges)
 
         self._vocab = vocab = build_vocab(merges, special_tokens, byte_ids, extra_tokens, added_tokens)
@@ -81,6 +91,20 @@ class Tokenizer:
         self._specials, self._added = vocab.specials, vocab.added
         specials = self._specials
 
+        unknown = [t for t in normalized_tokens if t not in self._added]
+        if unknown:
+            raise InputError(
+                f"normalized tokens {unknown} are not non-special added tokens of this tokenizer"
+            )
+        # Added tokens marked "normalized" are found in the normalized text (as in `tokenizers`), so they
+        # are looked up by their normalized content.
+        self.normalized_tokens = tuple(normalized_tokens) if self._normalize else ()
+        norm = self._normalize or (lambda text: text)
+        self._normalized_added = {norm(t): self._added[t] for t in self.normalized_tokens}
+        for text, token_id in self._normalized_added.items():  # and decode to it, as in `tokenizers`
+            self._id_bytes[token_id] = text.encode("utf-8")
+        self._raw_added = {t: i for t, i in self._added.items() if t not in self.normalized_tokens}
+        self._normalized_splitter = special_splitter(self._normalized_added)
         for role, name in (("bos_token", bos_token), ("eos_token", eos_token)):
             if name is not None and name not in specials and name not in self._added:
                 raise InputError(f"{role} {name!r} is not one of the special tokens {list(specials)}")
@@ -191,8 +215,8 @@ class Tokenizer:
         encoding = self._fast_encoding()
         if encoding:
             return encoding.encode(text, allowed_special=allowed, disallowed_special=())
-        always = {**self._added, **{s: self._specials[s] for s in allowed}}
-        splitter = self._splitter(allowed, self._added)
+        always = {**self._raw_added, **{s: self._specials[s] for s in allowed}}
+        splitter = self._splitter(allowed, self._raw_added)
         if splitter is None:
             return self._encode_chunk(text)
         ids: list[int] = []
@@ -212,12 +236,24 @@ class Tokenizer:
         return self._splitters[key]
 
     def _encode_chunk(self, text: str) -> list[int]:
-        """Pre-tokenize text free of specials and encode each piece, through the piece cache."""
-        if self.normalizer:
-            text = unicodedata.normalize(self.normalizer, text)
+        """Normalize text free of specials, cut out normalized added tokens, encode the rest."""
+        if self._normalize is not None:
+            text = self._normalize(text)
+        if self._normalized_splitter is None:
+            return self._encode_pieces(text)
+        ids: list[int] = []
+        start = 0
+        for match in self._normalized_splitter.finditer(text):
+            ids += self._encode_pieces(text[start : match.start()])
+            ids.append(self._normalized_added[match.group()])
+            start = match.end()
+        return ids + self._encode_pieces(text[start:])
+
+    def _encode_pieces(self, text: str) -> list[int]:
+        """Pre-tokenize normalized text and encode each piece, through the piece cache."""
         cache = self._cache
         ids: list[int] = []
-        for piece in split_pieces(self._compiled, text):
+        for piece in self._pre_tokenize(text):
             piece_ids = cache.get(piece)
             if piece_ids is None:  # a miss: rare once the common pieces are cached
                 if len(cache) >= CACHE_MAX_PIECES:
@@ -260,7 +296,7 @@ class Tokenizer:
 
             # Only the built-in patterns are known to split identically in tiktoken's regex engine; a
             # custom pattern stays on the pure-Python path rather than risk a silent disagreement.
-            if self.pattern_name == "custom":
+            if self.pattern_name == "custom" or self.pre_tokenizer is not None:
                 self._tiktoken = False
                 return None
             try:
@@ -367,7 +403,13 @@ class Tokenizer:
         return content_hash(self._identity())
 
     def _identity(self) -> dict[str, Any]:
-        return identity(self._vocab, self.pattern, self.normalizer, self.ignore_merges)
+        data = identity(self._vocab, self.pattern, self.normalizer, self.ignore_merges)
+        # Present only when used, so the hashes of tokenizers saved before these options stay the same.
+        if self.pre_tokenizer is not None:
+            data["pre_tokenizer"] = self.pre_tokenizer
+        if self.normalized_tokens:
+            data["normalized_tokens"] = sorted(self.normalized_tokens)
+        return data
 
     def __repr__(self) -> str:
         return (
@@ -378,7 +420,17 @@ class Tokenizer:
     def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes: drop caches
         state = dict(self.__dict__)
         state["_cache"], state["_splitters"], state["_tiktoken"] = {}, {}, None
+        state["_normalize"] = state["_pre_tokenize"] = None  # closures: rebuilt from their specs
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._normalize = compile_normalizer(self.normalizer)
+        self._pre_tokenize = (
+            compile_pre_tokenizer(self.pre_tokenizer)
+            if self.pre_tokenizer is not None
+            else partial(split_pieces, self._compiled)
+        )
 
     # ----------------------------------------------------------------------------------------------
     # files and other libraries (see formats.py)

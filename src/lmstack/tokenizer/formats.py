@@ -46,6 +46,8 @@ def to_lmstack_json(tok: Tokenizer) -> str:
         "pattern_name": tok.pattern_name,
         "pattern": tok.pattern,
         "normalizer": tok.normalizer,
+        "pre_tokenizer": tok.pre_tokenizer,
+        "normalized_tokens": list(tok.normalized_tokens),
         "ignore_merges": tok.ignore_merges,
         "special_tokens": tok._specials,
         "added_tokens": tok._added,
@@ -95,6 +97,8 @@ def from_lmstack_json(text: str, source: str = OURS) -> Tokenizer:
             extra_tokens={int(i): bytes.fromhex(h) for i, h in data.get("extra_tokens", {}).items()},
             added_tokens=data.get("added_tokens") or {},
             normalizer=data.get("normalizer"),
+            pre_tokenizer=data.get("pre_tokenizer"),
+            normalized_tokens=data.get("normalized_tokens") or (),
             ignore_merges=data.get("ignore_merges", False),
             bos_token=data.get("bos_token"),
             eos_token=data.get("eos_token"),
@@ -117,6 +121,8 @@ def tiktoken_compatible(tok: Tokenizer) -> str | None:
     """Why this tokenizer cannot be a tiktoken Encoding that gives the same ids, or None if it can."""
     if tok.normalizer:
         return f"it normalizes text ({tok.normalizer}), which tiktoken cannot do"
+    if tok.pre_tokenizer is not None:
+        return "its pre-tokenizer is a chain of steps, not one regex tiktoken can apply"
     if tok._added:
         return "it has non-special added tokens, which tiktoken cannot match"
     new_ids = [m[2] for m in tok._merges]
