@@ -305,6 +305,17 @@ class Tokenizer:
                 self._tiktoken = False
         return self._tiktoken or None
 
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """A conversation's ids and assistant mask, by the chat template or the plain transcript.
+
+        See `lmstack.tokenizer.chat`: the mask marks each assistant message's content and end token.
+        """
+        from lmstack.tokenizer.chat import render_chat
+
+        return render_chat(self, messages, add_generation_prompt=add_generation_prompt)
+
     # ----------------------------------------------------------------------------------------------
     # decoding
 
