@@ -25,6 +25,7 @@ from pathlib import Path
 import regex
 
 from lmstack.errors import InputError
+from lmstack.textfile import check_text_file, utf8_error
 
 # The GPT-2 pattern exactly as Hugging Face's ByteLevel pre-tokenizer (use_regex=True) applies it.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -181,7 +182,7 @@ def iter_training_texts(inputs: Iterable[str | Path] | str | Path) -> Iterator[I
     as_files = isinstance(inputs, (list, tuple)) and _are_paths(list(inputs))
     if as_files:  # fail before hours of work on the files in front of a missing one
         for path in inputs:
-            _check_file(Path(path))
+            check_text_file(path)
     for item in inputs:
         if as_files or isinstance(item, os.PathLike):
             yield iter_file_text(item)
@@ -217,9 +218,10 @@ def _are_paths(items: list) -> bool:
 def iter_file_text(path: str | os.PathLike, block_bytes: int = READ_BLOCK_BYTES) -> Iterator[str]:
     """Yield the text of a UTF-8 file in blocks (a leading BOM dropped, line endings kept as they are).
 
-    Checks happen on first use, so a missing or undecodable file fails with a message naming it.
+    Checks happen on first use (`lmstack.textfile.check_text_file`: exists, not a folder, no NUL bytes,
+    not empty), so a bad file fails with a message naming it; bad UTF-8 later in the file fails too.
     """
-    path = _check_file(Path(path))
+    path = check_text_file(path)
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     offset = 0
     with path.open("rb") as f:
@@ -228,20 +230,9 @@ def iter_file_text(path: str | os.PathLike, block_bytes: int = READ_BLOCK_BYTES)
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as exc:
-                raise InputError(
-                    f"{path} is not valid UTF-8 (near byte {offset + exc.start}: {exc.reason}) — convert it, "
-                    f"e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`"
-                ) from None
+                raise utf8_error(path, exc, offset) from None
             if text:
                 yield text
             if not block:
                 return
             offset += len(block)
-
-
-def _check_file(path: Path) -> Path:
-    if not path.exists():
-        raise InputError(f"input file not found: {path} — check the path")
-    if path.is_dir():
-        raise InputError(f"input {path} is a directory — pass the text files inside it")
-    return path
