@@ -67,6 +67,7 @@ class Tokenizer:
         pre_tokenizer: Mapping[str, Any] | None = None,
         normalized_tokens: Sequence[str] = (),
         ignore_merges: bool = False,
+        rank_by_token_id: bool = False,
         bos_token: str | None = None,
         eos_token: str | None = None,
         chat_template: str = "",
@@ -85,7 +86,10 @@ class Tokenizer:
         )
         self.ignore_merges = bool(ignore_merges)
 
-        self._vocab = vocab = build_vocab(merges, special_tokens, byte_ids, extra_tokens, added_tokens)
+        self.rank_by_token_id = bool(rank_by_token_id)
+        self._vocab = vocab = build_vocab(
+            merges, special_tokens, byte_ids, extra_tokens, added_tokens, self.rank_by_token_id
+        )
         self._byte_ids, self._merges, self._ranks = vocab.byte_ids, vocab.merges, vocab.ranks
         self._id_bytes, self._bytes_to_id = vocab.id_bytes, vocab.bytes_to_id
         self._specials, self._added = vocab.specials, vocab.added
@@ -420,6 +424,8 @@ class Tokenizer:
             data["pre_tokenizer"] = self.pre_tokenizer
         if self.normalized_tokens:
             data["normalized_tokens"] = sorted(self.normalized_tokens)
+        if self.rank_by_token_id:
+            data["rank_by_token_id"] = True
         return data
 
     def __repr__(self) -> str:
@@ -451,6 +457,25 @@ class Tokenizer:
         from lmstack.tokenizer.formats import save
 
         return save(self, directory)
+
+    @classmethod
+    def from_tiktoken(
+        cls,
+        path: str | os.PathLike,
+        *,
+        name: str | None = None,
+        pattern: str | None = None,
+        special_tokens: Mapping[str, int] | None = None,
+    ) -> Tokenizer:
+        """Import a tiktoken rank file (`.tiktoken`: base64 token and rank per line), keeping its ids.
+
+        `name` (r50k_base, p50k_base, cl100k_base, o200k_base) supplies the published split pattern
+        and special tokens; `pattern` and `special_tokens` override them (one of `name`/`pattern` is
+        needed: the file holds only the ranks).
+        """
+        from lmstack.tokenizer.formats import from_tiktoken
+
+        return from_tiktoken(path, name=name, pattern=pattern, special_tokens=special_tokens)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:

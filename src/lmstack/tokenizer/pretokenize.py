@@ -34,7 +34,42 @@ GPT4_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, "cl100k": GPT4_PATTERN}
+# tiktoken's published encodings: split pattern and special tokens (the ranks come from the .tiktoken
+# file). These patterns use possessive quantifiers, which `regex` and tiktoken read alike.
+R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+O200K_PATTERN = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+_ENDOFTEXT, _FIM = "<|endoftext|>", ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
+TIKTOKEN_ENCODINGS: dict[str, tuple[str, dict[str, int]]] = {
+    "r50k_base": (R50K_PATTERN, {_ENDOFTEXT: 50256}),
+    "p50k_base": (R50K_PATTERN, {_ENDOFTEXT: 50256}),
+    "cl100k_base": (
+        CL100K_PATTERN,
+        {_ENDOFTEXT: 100257, **{t: 100258 + k for k, t in enumerate(_FIM)}, "<|endofprompt|>": 100276},
+    ),
+    "o200k_base": (O200K_PATTERN, {_ENDOFTEXT: 199999, "<|endofprompt|>": 200018}),
+}
+PATTERNS = {
+    "gpt2": GPT2_PATTERN,
+    "gpt4": GPT4_PATTERN,
+    "cl100k": GPT4_PATTERN,
+    "r50k_base": R50K_PATTERN,
+    "cl100k_base": CL100K_PATTERN,
+    "o200k_base": O200K_PATTERN,
+}
 
 # Files are read in blocks of this many bytes; only distinct pieces are kept in memory.
 READ_BLOCK_BYTES = 1 << 20
@@ -64,8 +99,8 @@ def resolve_pattern(pattern: str) -> str:
 
 
 def pattern_name(pattern: str) -> str:
-    """The built-in name of a pattern ("gpt2", "gpt4"), or "custom"."""
-    for name in ("gpt2", "gpt4"):
+    """The built-in name of a pattern ("gpt2", "gpt4", or a tiktoken encoding's), or "custom"."""
+    for name in ("gpt2", "gpt4", "r50k_base", "cl100k_base", "o200k_base"):
         if PATTERNS[name] == pattern:
             return name
     return "custom"

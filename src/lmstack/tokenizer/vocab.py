@@ -36,10 +36,13 @@ def build_vocab(
     byte_ids: Sequence[int] | None = None,
     extra_tokens: Mapping[int, bytes] | None = None,
     added_tokens: Mapping[str, int] | None = None,
+    rank_by_token_id: bool = False,
 ) -> Vocab:
     """Check and index a vocabulary. `merges` are (left, right) pairs making id 256 + i, or triples.
 
-    `special_tokens` given as a list get ids after every other token, in order.
+    `special_tokens` given as a list get ids after every other token, in order. A merge's rank is its
+    place in the list; with `rank_by_token_id` it is the id of the token it makes (tiktoken's rule:
+    every pair whose bytes form token T merges with priority T, ties going to the leftmost pair).
     """
     byte_ids = list(range(256)) if byte_ids is None else [int(i) for i in byte_ids]
     if len(byte_ids) != 256 or len(set(byte_ids)) != 256 or min(byte_ids) < 0:
@@ -71,7 +74,10 @@ def build_vocab(
                 f"merge {waiting[0]} ({left}, {right}) uses an id that no byte, vocabulary token or merge defines"
             )
         pending = waiting
-    ranks = {(left, right): (rank, new_id) for rank, (left, right, new_id) in enumerate(checked)}
+    ranks = {
+        (left, right): (new_id if rank_by_token_id else rank, new_id)
+        for rank, (left, right, new_id) in enumerate(checked)
+    }
     if len(ranks) != len(checked):
         raise InputError("the same pair appears twice in the merges — the merge list is corrupt")
     bytes_to_id = {data: i for i, data in table.items()}
