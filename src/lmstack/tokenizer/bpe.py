@@ -478,6 +478,13 @@ class Tokenizer:
         return from_tiktoken(path, name=name, pattern=pattern, special_tokens=special_tokens)
 
     @classmethod
+    def from_gpt2_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> Tokenizer:
+        """Import GPT-2's original `encoder.json` + `vocab.bpe` (ids as in the files)."""
+        from lmstack.tokenizer.formats import from_gpt2_files
+
+        return from_gpt2_files(encoder_json, vocab_bpe)
+
+    @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
         """Read `lmstack_tokenizer.json` from `directory`, or import a byte-level BPE `tokenizer.json`."""
         from lmstack.tokenizer.formats import load

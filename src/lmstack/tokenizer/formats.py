@@ -135,8 +135,18 @@ def tiktoken_compatible(tok: Tokenizer) -> str | None:
     new_ids = [m[2] for m in tok._merges]
     if tok.rank_by_token_id:  # tiktoken's own rule (from_tiktoken lists every pair forming each token)
         return None
-    if any(a >= b for a, b in zip(new_ids, new_ids[1:])) or (new_ids and min(new_ids) <= max(tok._byte_ids)):
+    if any(a > b for a, b in zip(new_ids, new_ids[1:])) or (new_ids and min(new_ids) <= max(tok._byte_ids)):
         return "its ids do not follow merge order (tiktoken merges by id), so the two would disagree"
+    # Several merges may make one token (Llama-3): tiktoken ranks them alike and takes the leftmost,
+    # we take the first listed. That differs only when two of them can overlap, (a, b) and (b, c).
+    lefts: dict[int, set[int]] = {}
+    for left, _, new_id in tok._merges:
+        lefts.setdefault(new_id, set()).add(left)
+    for left, right, new_id in tok._merges:
+        if len(lefts[new_id]) > 1 and right in lefts[new_id] - {left}:
+            return (
+                f"two merges making token {new_id} can overlap, where tiktoken and BPE break ties differently"
+            )
     specials = set(tok._specials.values())
     made = set(tok._byte_ids) | set(new_ids)
     if any(data is not None and i not in made and i not in specials for i, data in enumerate(tok._id_bytes)):
@@ -234,6 +244,22 @@ def from_tiktoken(
         ignore_merges=True,
         rank_by_token_id=True,
     )
+
+
+def from_gpt2_files(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> Tokenizer:
+    """GPT-2's original release: `encoder.json` (token -> id, in the byte-level alphabet) and `vocab.bpe`
+    (the merges, one "left right" per line after a `#version` header). `<|endoftext|>` is special."""
+    source = str(encoder_json)
+    encoder = _parse_json(read_text_file(encoder_json, what="GPT-2 encoder.json"), source)
+    lines = read_text_file(vocab_bpe, what="GPT-2 vocab.bpe").splitlines()
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    end = "<|endoftext|>"
+    data = {
+        "model": {"type": "BPE", "vocab": encoder, "merges": merges},
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "added_tokens": [{"id": encoder[end], "content": end, "special": True}] if end in encoder else [],
+    }
+    return from_hf_json(data, {"eos_token": end}, source)
 
 
 # ---------------------------------------------------------------------------------------------------
