@@ -83,3 +83,16 @@ def test_named_encodings_and_bad_files(tmp_path: Path, trained: Tokenizer) -> No
     short = write_ranks(tmp_path / "short.tiktoken", {b"a": 0, b"b": 1})
     with pytest.raises(InputError, match="lacks 254 of the 256 single-byte tokens"):
         Tokenizer.from_tiktoken(short, name="r50k_base")
+
+
+def test_without_tiktoken_the_pure_path_gives_the_same_ids(trained: Tokenizer, monkeypatch) -> None:
+    import importlib.util
+
+    expected = trained.encode(TEXTS[1])
+    assert trained._fast_encoding() is not None
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tiktoken" else real_find_spec(name, *a)
+    )
+    fresh = Tokenizer.train(CORPUS, 400, special_tokens=["<|endoftext|>"])
+    assert fresh._fast_encoding() is None and fresh.encode(TEXTS[1]) == expected

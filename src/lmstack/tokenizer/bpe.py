@@ -15,10 +15,16 @@ the general form "pair of ids -> (rank, new id)".
 Encoding: text -> (special tokens split out) -> pre-tokenize with the split regex -> each piece's UTF-8
 bytes -> apply merges by rank (`merge.py`) -> ids. A piece's ids are cached, since a few thousand pieces
 (" the", ",", "\\n") make up most text. Decoding concatenates each id's bytes and decodes UTF-8.
+
+Fast path (optional): with the `tiktoken` package installed (`pip install 'lmstack[fast]'`), a
+vocabulary tiktoken can reproduce exactly is encoded by tiktoken's Rust core; `use_tiktoken = False`
+forces the pure-Python path. Nothing else here needs packages beyond `regex`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -292,21 +298,27 @@ class Tokenizer:
             )
 
     def _fast_encoding(self) -> Any:
-        """tiktoken's Encoding for this vocabulary when the fast path is on and exact, else None."""
+        """tiktoken's Encoding for this vocabulary when the fast path is on, available and exact, else None.
+
+        The fast path is optional: it needs the `tiktoken` package (`pip install 'lmstack[fast]'`).
+        Without it, or for a vocabulary tiktoken cannot reproduce exactly (a normalizer, a chain of
+        pre-tokenizers, a custom regex, merges out of id order), encoding stays on the pure-Python
+        path, which gives the same ids (the tests compare the two).
+        """
         if not self.use_tiktoken:
             return None
         if self._tiktoken is None:
-            from lmstack.tokenizer.formats import to_tiktoken
-
+            self._tiktoken = False
             # Only the built-in patterns are known to split identically in tiktoken's regex engine; a
             # custom pattern stays on the pure-Python path rather than risk a silent disagreement.
             if self.pattern_name == "custom" or self.pre_tokenizer is not None:
-                self._tiktoken = False
                 return None
-            try:
+            if importlib.util.find_spec("tiktoken") is None:  # the optional extra is not installed
+                return None
+            from lmstack.tokenizer.formats import to_tiktoken
+
+            with contextlib.suppress(InputError, ValueError):  # not exact, or the regex refused
                 self._tiktoken = to_tiktoken(self)
-            except (ImportError, InputError, ValueError):  # not installed, not exact, or regex refused
-                self._tiktoken = False
         return self._tiktoken or None
 
     def render_chat(
