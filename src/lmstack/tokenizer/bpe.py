@@ -58,6 +58,12 @@ class Tokenizer:
     The constructor takes the learned state directly; `merges` is a list of `(left, right)` pairs (merge i
     makes id 256 + i) or, for imported vocabularies, `(left, right, new_id)` triples, in rank order.
     `special_tokens` is a list of strings (ids assigned after the merges) or a dict string -> id.
+
+    Imported vocabularies may also carry: `normalizer` (a name or a tokenizer.json spec), `pre_tokenizer`
+    (a tokenizer.json spec of a chain of pre-tokenizers, used instead of `pattern`; `components.py`),
+    `added_tokens` (non-special, always matched) of which `normalized_tokens` are matched after
+    normalization, `ignore_merges` (look a whole piece up first) and `rank_by_token_id` (tiktoken's
+    merge priority: the id of the token a pair makes, instead of the merge's place in the list).
     """
 
     def __init__(

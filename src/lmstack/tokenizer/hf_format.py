@@ -3,11 +3,11 @@
 A byte-level BPE `tokenizer.json` writes each token's bytes in GPT-2's byte-to-unicode alphabet (byte
 0x20, a space, is written `Ġ`), so the vocabulary and merges are readable strings. We write it by hand
 (saving needs no `tokenizers` package) with a `Split(regex)` + `ByteLevel` pre-tokenizer, and import
-the three common variants:
-
-- GPT-2: a lone `ByteLevel(use_regex=true)` pre-tokenizer (its built-in GPT-2 regex);
-- Llama-3: `Split(cl100k regex)` + `ByteLevel(use_regex=false)`, `ignore_merges`, a BOS template;
-- Qwen2: the same with one digit per piece and an NFC normalizer.
+byte-level BPE files as `tokenizers` reads them: the vocabulary gives the ids and the merge list only
+ranks pairs. A pre-tokenizer that is one regex (GPT-2's lone `ByteLevel`; Llama-3's and Qwen2's
+`Split` + `ByteLevel(use_regex=false)`) becomes the tokenizer's `pattern`; any other chain of the
+components in `components.py` (DeepSeek-V3's three `Split`s, StarCoder's `Digits` + `ByteLevel`) is
+kept as its spec. Normalizers and added tokens (special or not, `normalized` or not) likewise.
 
 SentencePiece-style files (Metaspace `▁`, byte fallback, Unigram) are refused with a clear error, as
 are options we would silently get wrong. The exported file never inserts BOS/EOS by itself
