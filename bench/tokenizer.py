@@ -6,7 +6,9 @@ Training: vocab 8,192 on tinyshakespeare (../shared/data) and on a ~10 MB corpus
 from the installed Python's standard library (pydoc's topic docs first, then the `.py` sources in sorted
 order, whole files until the size is reached; its size and sha256 are reported), next to `tokenizers`'
 BpeTrainer with the same split regex on the same file. Encoding: MB/s (UTF-8 bytes) of our pure-Python
-path (cold cache, then warm), our tiktoken path, and `tokenizers`, with thread counts.
+path (cold cache, then warm), our tiktoken path, and `tokenizers`, with thread counts. Real files
+(`--real-files-only` for just these): each published tokenizer file the tests fetch (GPT-2, Llama-3,
+DeepSeek-V3, tiktoken rank files) encoding 1 MB of that corpus, ours next to `tokenizers` / tiktoken.
 Targets on a 2-core machine: 8,192 on tinyshakespeare < 10 s, on 10 MB < 60 s, pure-Python encode
 >= 1 MB/s.
 """
@@ -152,10 +154,95 @@ def run(path: Path, vocab_size: int) -> dict:
     }
 
 
+def _real_file_fetcher():
+    """`fetch(key)` of the test suite's real-file cache (tests/tokenizer/conftest.py), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_files", REPO / "tests" / "tokenizer" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fetch
+
+
+def _timed(function, text: str) -> tuple[list[int], float]:
+    start = time.perf_counter()
+    ids = function(text)
+    return ids, time.perf_counter() - start
+
+
+def time_real_files(text: str) -> dict:
+    """Encode speed of each real tokenizer file: ours (pure Python, tiktoken path) next to the reference."""
+    import tiktoken
+    import tokenizers
+    from tiktoken.load import load_tiktoken_bpe
+
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.tokenizer.pretokenize import GPT4_PATTERN
+
+    fetch = _real_file_fetcher()
+    n_bytes = len(text.encode("utf-8"))
+    cases = {
+        "gpt2 encoder.json+vocab.bpe": ("gpt2", ("gpt2/encoder.json", "gpt2/vocab.bpe")),
+        "llama3 tokenizer.json": ("hf", ("llama3/tokenizer.json",)),
+        "deepseek-v3 tokenizer.json": (
+            "hf",
+            ("deepseek-v3/tokenizer.json", "deepseek-v3/tokenizer_config.json"),
+        ),
+        "llama3 tokenizer.model (tiktoken)": ("tiktoken", ("llama3/tokenizer.model",)),
+        "whisper gpt2.tiktoken": ("tiktoken-r50k", ("whisper/gpt2.tiktoken",)),
+    }
+    out: dict = {"text_bytes": n_bytes}
+    for name, (kind, keys) in cases.items():
+        try:
+            paths = [fetch(key) for key in keys]
+        except (RuntimeError, OSError) as exc:
+            out[name] = f"skipped: {exc}"
+            continue
+        if kind == "gpt2":
+            tok = Tokenizer.from_gpt2_files(*paths)
+            ref = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(paths[0]), str(paths[1])))
+            ref.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+            reference, encode_ref = "tokenizers", lambda t, ref=ref: ref.encode(t).ids
+        elif kind == "hf":
+            tok = Tokenizer.load(paths[0])
+            ref = tokenizers.Tokenizer.from_file(str(paths[0]))
+            reference, encode_ref = (
+                "tokenizers",
+                lambda t, ref=ref: ref.encode(t, add_special_tokens=False).ids,
+            )
+        else:
+            pattern, named = (GPT4_PATTERN, None) if kind == "tiktoken" else (None, "r50k_base")
+            tok = Tokenizer.from_tiktoken(paths[0], name=named, pattern=pattern, special_tokens={})
+            enc = tiktoken.Encoding(
+                name, pat_str=tok.pattern, mergeable_ranks=load_tiktoken_bpe(str(paths[0])), special_tokens={}
+            )
+            reference, encode_ref = "tiktoken", enc.encode_ordinary
+        tok.use_tiktoken = False
+        ids, pure_s = _timed(tok.encode_ordinary, text)
+        _, warm_s = _timed(tok.encode_ordinary, text)
+        ref_ids, ref_s = _timed(encode_ref, text)
+        row = {
+            "pure_python_cold_cache_mb_per_s": mb_per_s(n_bytes, pure_s),
+            "pure_python_warm_cache_mb_per_s": mb_per_s(n_bytes, warm_s),
+            f"{reference}_mb_per_s": mb_per_s(n_bytes, ref_s),
+            "ids_identical": ids == ref_ids,
+        }
+        tok.use_tiktoken = True
+        if tok._fast_encoding() is not None:
+            fast_ids, fast_s = _timed(tok.encode_ordinary, text)
+            row["tiktoken_path_mb_per_s"] = mb_per_s(n_bytes, fast_s)
+            row["ids_identical"] = row["ids_identical"] and fast_ids == ids
+        else:
+            row["tiktoken_path"] = "not exact for this file: pure Python only"
+        out[name] = row
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--corpus-mb", type=float, default=10.0)
+    parser.add_argument("--real-files-only", action="store_true", help="only the real tokenizer files")
     args = parser.parse_args()
     import tiktoken
     import tokenizers
@@ -186,11 +273,16 @@ def main() -> None:
             "pure_python_encode_mb_per_s": 1,
         },
     }
+    corpus, info = build_stdlib_corpus(int(args.corpus_mb * 1_000_000))
+    real_text = corpus.read_text(encoding="utf-8")[:1_000_000].replace("<|", "< |")
+    result["real_files"] = {"text": "first 1 MB of the stdlib corpus", **time_real_files(real_text)}
+    if args.real_files_only:
+        print(json.dumps(result, indent=2))
+        return
     if SHAKESPEARE.is_file():
         result["tinyshakespeare"] = run(SHAKESPEARE, args.vocab_size)
     else:
         result["tinyshakespeare"] = f"skipped: {SHAKESPEARE} not found"
-    corpus, info = build_stdlib_corpus(int(args.corpus_mb * 1_000_000))
     result["stdlib_corpus"] = {"corpus": info, **run(corpus, args.vocab_size)}
     met = {}
     if isinstance(result["tinyshakespeare"], dict):

@@ -117,7 +117,13 @@ def test_measure_file_equals_measure_text(tmp_path: Path) -> None:
             ["train", "--input", "{corpus}", "--vocab-size", "100", "--out", "{tmp}/o"],
             "vocab size 100 is too small",
         ),
-        (["train", "--input", "{latin1}", "--vocab-size", "300", "--out", "{tmp}/o"], "not valid UTF-8"),
+        (["train", "--input", "{latin1}", "--vocab-size", "300", "--out", "{tmp}/o"], "not UTF-8 text"),
+        (
+            ["train", "--input", "{binary}", "--vocab-size", "300", "--out", "{tmp}/o"],
+            "input file .*binary.bin looks binary \\(it holds NUL bytes\\) — pass UTF-8 text",
+        ),
+        (["train", "--input", "{empty}", "--vocab-size", "300", "--out", "{tmp}/o"], "empty.txt is empty"),
+        (["train", "--input", "{tmp}", "--vocab-size", "300", "--out", "{tmp}/o"], "is a directory"),
         (
             ["train", "--input", "{corpus}", "--vocab-size", "300", "--out", "{tmp}/o", "--pattern", "(("],
             "invalid split pattern",
@@ -139,11 +145,21 @@ def test_bad_input_is_one_line_exit_2(
 
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes(b"caf\xe9")
+    (tmp_path / "binary.bin").write_bytes(b"text at first\x00\x01\x02 then binary")
+    (tmp_path / "empty.txt").write_text(" \n")
     tok_dir = Tokenizer.train([TEXT], 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "lmstack_tokenizer.json").write_text(json.dumps({"format": "lmstack_tokenizer", "version": 1}))
-    names = {"tmp": tmp_path, "corpus": corpus, "latin1": latin1, "tok": tok_dir, "bad": bad}
+    names = {
+        "tmp": tmp_path,
+        "corpus": corpus,
+        "latin1": latin1,
+        "binary": tmp_path / "binary.bin",
+        "empty": tmp_path / "empty.txt",
+        "tok": tok_dir,
+        "bad": bad,
+    }
     code, out, err = run(capsys, "tokenizer", *[a.format(**names) for a in argv])
     assert code == 2 and out == ""
     assert err.startswith("lmstack: error: ") and err.count("\n") == 1 and "Traceback" not in err

@@ -222,7 +222,7 @@ def test_cache_is_bounded(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_bad_constructor_state() -> None:
-    with pytest.raises(InputError, match="uses an id not defined before it"):
+    with pytest.raises(InputError, match="uses an id that no byte, vocabulary token or merge defines"):
         Tokenizer([(97, 300)])
     with pytest.raises(InputError, match="same pair appears twice"):
         Tokenizer([(97, 98), (97, 98)])

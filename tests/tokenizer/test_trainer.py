@@ -159,7 +159,7 @@ def test_bad_training_inputs(tmp_path: Path) -> None:
         Tokenizer.train([tmp_path], 300)
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9 ol\xe9".encode("latin-1"))
-    with pytest.raises(InputError, match=r"latin1.txt is not valid UTF-8 \(near byte 3.*iconv"):
+    with pytest.raises(InputError, match=r"latin1.txt is not UTF-8 text \(bad byte near offset 3.*iconv"):
         Tokenizer.train([latin1], 300)
     (tmp_path / "ok.txt").write_text("fine")
     with pytest.raises(InputError, match="input file not found"):

@@ -24,10 +24,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from lmstack.errors import InputError
+from lmstack.textfile import looks_binary
 
 JSON_SUFFIXES = {".jsonl", ".json"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
-BINARY_SNIFF_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,6 @@ def read_bytes(path: Path) -> bytes:
         except (OSError, EOFError) as exc:
             raise InputError(f"{path.name}: not a valid gzip file ({exc}) — re-compress or unzip it") from exc
     return data
-
-
-def looks_binary(data: bytes) -> bool:
-    """A NUL byte in the first 8 KiB: the same rule git and grep use to call a file binary."""
-    return b"\x00" in data[:BINARY_SNIFF_BYTES]
 
 
 def decode_text(data: bytes) -> str:

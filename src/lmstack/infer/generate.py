@@ -33,6 +33,7 @@ from lmstack.infer.request import (
 )
 from lmstack.infer.sampling import SamplingParams
 from lmstack.model.masks import positions_from_padding
+from lmstack.tokenizer.chat import render_text
 
 OnToken = Callable[[int, int], "bool | None"]  # (row, token) -> True to stop that row now
 
@@ -156,38 +157,13 @@ def decode_batch(
 
 # ---- text in, text out ---------------------------------------------------------------------------------
 Messages = list[dict]
-TRANSCRIPT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
 def render_chat(tokenizer, messages: Messages, *, add_generation_prompt: bool = True) -> tuple[str, bool]:
-    """A conversation as prompt text: the tokenizer's Jinja chat template when it has one (True), else a
-    plain "User: ... / Assistant:" transcript that a base model can continue (False)."""
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise InputError(f"chat messages are dicts with 'role' and 'content', got {m!r}")
-    template = getattr(tokenizer, "chat_template", "") or ""
-    if not template:
-        lines = [f"{TRANSCRIPT_ROLES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
-        return "\n".join(lines) + ("\nAssistant:" if add_generation_prompt else ""), False
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise InputError(f"chat template error: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    specials = {v: k for k, v in getattr(tokenizer, "special_tokens", {}).items()}
-    try:
-        text = env.from_string(template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=specials.get(getattr(tokenizer, "bos_id", None), ""),
-            eos_token=specials.get(getattr(tokenizer, "eos_id", None), ""),
-        )
-    except TemplateError as exc:
-        raise InputError(f"the tokenizer's chat template failed: {exc} — fix tokenizer_config.json") from None
-    return text, True
+    """A conversation as prompt text (`lmstack.tokenizer.chat.render_text`), and whether the tokenizer's
+    chat template made it (True) or the plain "User: ... / Assistant:" transcript did (False)."""
+    text = render_text(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    return text, bool(tokenizer.chat_template)
 
 
 def generate_text(

@@ -15,20 +15,27 @@ the general form "pair of ids -> (rank, new id)".
 Encoding: text -> (special tokens split out) -> pre-tokenize with the split regex -> each piece's UTF-8
 bytes -> apply merges by rank (`merge.py`) -> ids. A piece's ids are cached, since a few thousand pieces
 (" the", ",", "\\n") make up most text. Decoding concatenates each id's bytes and decodes UTF-8.
+
+Fast path (optional): with the `tiktoken` package installed (`pip install 'lmstack[fast]'`), a
+vocabulary tiktoken can reproduce exactly is encoded by tiktoken's Rust core; `use_tiktoken = False`
+forces the pure-Python path. Nothing else here needs packages beyond `regex`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
-import unicodedata
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import regex
 
 from lmstack.errors import InputError
+from lmstack.tokenizer.components import compile_normalizer, compile_pre_tokenizer
 from lmstack.tokenizer.merge import merge_piece
 from lmstack.tokenizer.pretokenize import (
     count_pieces,
@@ -51,6 +58,12 @@ class Tokenizer:
     The constructor takes the learned state directly; `merges` is a list of `(left, right)` pairs (merge i
     makes id 256 + i) or, for imported vocabularies, `(left, right, new_id)` triples, in rank order.
     `special_tokens` is a list of strings (ids assigned after the merges) or a dict string -> id.
+
+    Imported vocabularies may also carry: `normalizer` (a name or a tokenizer.json spec), `pre_tokenizer`
+    (a tokenizer.json spec of a chain of pre-tokenizers, used instead of `pattern`; `components.py`),
+    `added_tokens` (non-special, always matched) of which `normalized_tokens` are matched after
+    normalization, `ignore_merges` (look a whole piece up first) and `rank_by_token_id` (tiktoken's
+    merge priority: the id of the token a pair makes, instead of the merge's place in the list).
     """
 
     def __init__(
@@ -62,25 +75,52 @@ class Tokenizer:
         byte_ids: Sequence[int] | None = None,
         extra_tokens: Mapping[int, bytes] | None = None,
         added_tokens: Mapping[str, int] | None = None,
-        normalizer: str | None = None,
+        normalizer: str | Mapping[str, Any] | None = None,
+        pre_tokenizer: Mapping[str, Any] | None = None,
+        normalized_tokens: Sequence[str] = (),
         ignore_merges: bool = False,
+        rank_by_token_id: bool = False,
         bos_token: str | None = None,
         eos_token: str | None = None,
         chat_template: str = "",
     ) -> None:
         self.pattern = resolve_pattern(pattern)
         self._compiled = regex.compile(self.pattern)
-        if normalizer not in (None, "NFC"):
-            raise InputError(f"unsupported normalizer {normalizer!r} — only None or 'NFC'")
-        self.normalizer = normalizer
+        self.normalizer = (
+            normalizer if normalizer is None or isinstance(normalizer, str) else dict(normalizer)
+        )
+        self._normalize = compile_normalizer(self.normalizer)
+        self.pre_tokenizer = None if pre_tokenizer is None else dict(pre_tokenizer)
+        self._pre_tokenize = (
+            compile_pre_tokenizer(self.pre_tokenizer)
+            if self.pre_tokenizer is not None
+            else partial(split_pieces, self._compiled)
+        )
         self.ignore_merges = bool(ignore_merges)
 
-        self._vocab = vocab = build_vocab(merges, special_tokens, byte_ids, extra_tokens, added_tokens)
+        self.rank_by_token_id = bool(rank_by_token_id)
+        self._vocab = vocab = build_vocab(
+            merges, special_tokens, byte_ids, extra_tokens, added_tokens, self.rank_by_token_id
+        )
         self._byte_ids, self._merges, self._ranks = vocab.byte_ids, vocab.merges, vocab.ranks
         self._id_bytes, self._bytes_to_id = vocab.id_bytes, vocab.bytes_to_id
         self._specials, self._added = vocab.specials, vocab.added
         specials = self._specials
 
+        unknown = [t for t in normalized_tokens if t not in self._added]
+        if unknown:
+            raise InputError(
+                f"normalized tokens {unknown} are not non-special added tokens of this tokenizer"
+            )
+        # Added tokens marked "normalized" are found in the normalized text (as in `tokenizers`), so they
+        # are looked up by their normalized content.
+        self.normalized_tokens = tuple(normalized_tokens) if self._normalize else ()
+        norm = self._normalize or (lambda text: text)
+        self._normalized_added = {norm(t): self._added[t] for t in self.normalized_tokens}
+        for text, token_id in self._normalized_added.items():  # and decode to it, as in `tokenizers`
+            self._id_bytes[token_id] = text.encode("utf-8")
+        self._raw_added = {t: i for t, i in self._added.items() if t not in self.normalized_tokens}
+        self._normalized_splitter = special_splitter(self._normalized_added)
         for role, name in (("bos_token", bos_token), ("eos_token", eos_token)):
             if name is not None and name not in specials and name not in self._added:
                 raise InputError(f"{role} {name!r} is not one of the special tokens {list(specials)}")
@@ -191,8 +231,8 @@ class Tokenizer:
         encoding = self._fast_encoding()
         if encoding:
             return encoding.encode(text, allowed_special=allowed, disallowed_special=())
-        always = {**self._added, **{s: self._specials[s] for s in allowed}}
-        splitter = self._splitter(allowed, self._added)
+        always = {**self._raw_added, **{s: self._specials[s] for s in allowed}}
+        splitter = self._splitter(allowed, self._raw_added)
         if splitter is None:
             return self._encode_chunk(text)
         ids: list[int] = []
@@ -212,12 +252,24 @@ class Tokenizer:
         return self._splitters[key]
 
     def _encode_chunk(self, text: str) -> list[int]:
-        """Pre-tokenize text free of specials and encode each piece, through the piece cache."""
-        if self.normalizer:
-            text = unicodedata.normalize(self.normalizer, text)
+        """Normalize text free of specials, cut out normalized added tokens, encode the rest."""
+        if self._normalize is not None:
+            text = self._normalize(text)
+        if self._normalized_splitter is None:
+            return self._encode_pieces(text)
+        ids: list[int] = []
+        start = 0
+        for match in self._normalized_splitter.finditer(text):
+            ids += self._encode_pieces(text[start : match.start()])
+            ids.append(self._normalized_added[match.group()])
+            start = match.end()
+        return ids + self._encode_pieces(text[start:])
+
+    def _encode_pieces(self, text: str) -> list[int]:
+        """Pre-tokenize normalized text and encode each piece, through the piece cache."""
         cache = self._cache
         ids: list[int] = []
-        for piece in split_pieces(self._compiled, text):
+        for piece in self._pre_tokenize(text):
             piece_ids = cache.get(piece)
             if piece_ids is None:  # a miss: rare once the common pieces are cached
                 if len(cache) >= CACHE_MAX_PIECES:
@@ -252,22 +304,39 @@ class Tokenizer:
             )
 
     def _fast_encoding(self) -> Any:
-        """tiktoken's Encoding for this vocabulary when the fast path is on and exact, else None."""
+        """tiktoken's Encoding for this vocabulary when the fast path is on, available and exact, else None.
+
+        The fast path is optional: it needs the `tiktoken` package (`pip install 'lmstack[fast]'`).
+        Without it, or for a vocabulary tiktoken cannot reproduce exactly (a normalizer, a chain of
+        pre-tokenizers, a custom regex, merges out of id order), encoding stays on the pure-Python
+        path, which gives the same ids (the tests compare the two).
+        """
         if not self.use_tiktoken:
             return None
         if self._tiktoken is None:
-            from lmstack.tokenizer.formats import to_tiktoken
-
+            self._tiktoken = False
             # Only the built-in patterns are known to split identically in tiktoken's regex engine; a
             # custom pattern stays on the pure-Python path rather than risk a silent disagreement.
-            if self.pattern_name == "custom":
-                self._tiktoken = False
+            if self.pattern_name == "custom" or self.pre_tokenizer is not None:
                 return None
-            try:
+            if importlib.util.find_spec("tiktoken") is None:  # the optional extra is not installed
+                return None
+            from lmstack.tokenizer.formats import to_tiktoken
+
+            with contextlib.suppress(InputError, ValueError):  # not exact, or the regex refused
                 self._tiktoken = to_tiktoken(self)
-            except (ImportError, InputError, ValueError):  # not installed, not exact, or regex refused
-                self._tiktoken = False
         return self._tiktoken or None
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """A conversation's ids and assistant mask, by the chat template or the plain transcript.
+
+        See `lmstack.tokenizer.chat`: the mask marks each assistant message's content and end token.
+        """
+        from lmstack.tokenizer.chat import render_chat
+
+        return render_chat(self, messages, add_generation_prompt=add_generation_prompt)
 
     # ----------------------------------------------------------------------------------------------
     # decoding
@@ -367,7 +436,15 @@ class Tokenizer:
         return content_hash(self._identity())
 
     def _identity(self) -> dict[str, Any]:
-        return identity(self._vocab, self.pattern, self.normalizer, self.ignore_merges)
+        data = identity(self._vocab, self.pattern, self.normalizer, self.ignore_merges)
+        # Present only when used, so the hashes of tokenizers saved before these options stay the same.
+        if self.pre_tokenizer is not None:
+            data["pre_tokenizer"] = self.pre_tokenizer
+        if self.normalized_tokens:
+            data["normalized_tokens"] = sorted(self.normalized_tokens)
+        if self.rank_by_token_id:
+            data["rank_by_token_id"] = True
+        return data
 
     def __repr__(self) -> str:
         return (
@@ -378,7 +455,17 @@ class Tokenizer:
     def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes: drop caches
         state = dict(self.__dict__)
         state["_cache"], state["_splitters"], state["_tiktoken"] = {}, {}, None
+        state["_normalize"] = state["_pre_tokenize"] = None  # closures: rebuilt from their specs
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._normalize = compile_normalizer(self.normalizer)
+        self._pre_tokenize = (
+            compile_pre_tokenizer(self.pre_tokenizer)
+            if self.pre_tokenizer is not None
+            else partial(split_pieces, self._compiled)
+        )
 
     # ----------------------------------------------------------------------------------------------
     # files and other libraries (see formats.py)
@@ -388,6 +475,32 @@ class Tokenizer:
         from lmstack.tokenizer.formats import save
 
         return save(self, directory)
+
+    @classmethod
+    def from_tiktoken(
+        cls,
+        path: str | os.PathLike,
+        *,
+        name: str | None = None,
+        pattern: str | None = None,
+        special_tokens: Mapping[str, int] | None = None,
+    ) -> Tokenizer:
+        """Import a tiktoken rank file (`.tiktoken`: base64 token and rank per line), keeping its ids.
+
+        `name` (r50k_base, p50k_base, cl100k_base, o200k_base) supplies the published split pattern
+        and special tokens; `pattern` and `special_tokens` override them (one of `name`/`pattern` is
+        needed: the file holds only the ranks).
+        """
+        from lmstack.tokenizer.formats import from_tiktoken
+
+        return from_tiktoken(path, name=name, pattern=pattern, special_tokens=special_tokens)
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> Tokenizer:
+        """Import GPT-2's original `encoder.json` + `vocab.bpe` (ids as in the files)."""
+        from lmstack.tokenizer.formats import from_gpt2_files
+
+        return from_gpt2_files(encoder_json, vocab_bpe)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:

@@ -12,15 +12,20 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmstack.atomic import atomic_write_text
 from lmstack.errors import InputError
+from lmstack.textfile import read_text_file
 from lmstack.tokenizer.hf_format import HF_TOKENIZER, from_hf_json, to_hf, to_hf_config, to_hf_json
 from lmstack.tokenizer.merge import merge_piece
+from lmstack.tokenizer.pretokenize import TIKTOKEN_ENCODINGS
 from lmstack.tokenizer.vocab import extra_tokens
 
 if TYPE_CHECKING:
@@ -46,7 +51,10 @@ def to_lmstack_json(tok: Tokenizer) -> str:
         "pattern_name": tok.pattern_name,
         "pattern": tok.pattern,
         "normalizer": tok.normalizer,
+        "pre_tokenizer": tok.pre_tokenizer,
+        "normalized_tokens": list(tok.normalized_tokens),
         "ignore_merges": tok.ignore_merges,
+        "rank_by_token_id": tok.rank_by_token_id,
         "special_tokens": tok._specials,
         "added_tokens": tok._added,
         "bos_token": tok.bos_token,
@@ -95,7 +103,10 @@ def from_lmstack_json(text: str, source: str = OURS) -> Tokenizer:
             extra_tokens={int(i): bytes.fromhex(h) for i, h in data.get("extra_tokens", {}).items()},
             added_tokens=data.get("added_tokens") or {},
             normalizer=data.get("normalizer"),
+            pre_tokenizer=data.get("pre_tokenizer"),
+            normalized_tokens=data.get("normalized_tokens") or (),
             ignore_merges=data.get("ignore_merges", False),
+            rank_by_token_id=data.get("rank_by_token_id", False),
             bos_token=data.get("bos_token"),
             eos_token=data.get("eos_token"),
             chat_template=data.get("chat_template", ""),
@@ -117,11 +128,25 @@ def tiktoken_compatible(tok: Tokenizer) -> str | None:
     """Why this tokenizer cannot be a tiktoken Encoding that gives the same ids, or None if it can."""
     if tok.normalizer:
         return f"it normalizes text ({tok.normalizer}), which tiktoken cannot do"
+    if tok.pre_tokenizer is not None:
+        return "its pre-tokenizer is a chain of steps, not one regex tiktoken can apply"
     if tok._added:
         return "it has non-special added tokens, which tiktoken cannot match"
     new_ids = [m[2] for m in tok._merges]
-    if any(a >= b for a, b in zip(new_ids, new_ids[1:])) or (new_ids and min(new_ids) <= max(tok._byte_ids)):
+    if tok.rank_by_token_id:  # tiktoken's own rule (from_tiktoken lists every pair forming each token)
+        return None
+    if any(a > b for a, b in zip(new_ids, new_ids[1:])) or (new_ids and min(new_ids) <= max(tok._byte_ids)):
         return "its ids do not follow merge order (tiktoken merges by id), so the two would disagree"
+    # Several merges may make one token (Llama-3): tiktoken ranks them alike and takes the leftmost,
+    # we take the first listed. That differs only when two of them can overlap, (a, b) and (b, c).
+    lefts: dict[int, set[int]] = {}
+    for left, _, new_id in tok._merges:
+        lefts.setdefault(new_id, set()).add(left)
+    for left, right, new_id in tok._merges:
+        if len(lefts[new_id]) > 1 and right in lefts[new_id] - {left}:
+            return (
+                f"two merges making token {new_id} can overlap, where tiktoken and BPE break ties differently"
+            )
     specials = set(tok._specials.values())
     made = set(tok._byte_ids) | set(new_ids)
     if any(data is not None and i not in made and i not in specials for i, data in enumerate(tok._id_bytes)):
@@ -143,13 +168,98 @@ def to_tiktoken(tok: Tokenizer) -> Any:
         raise InputError(f"cannot export this tokenizer to tiktoken: {reason}")
     import tiktoken
 
-    ranks = {tok._id_bytes[i]: i for i in [*tok._byte_ids, *(m[2] for m in tok._merges)]}
+    ranks = {
+        tok._id_bytes[i]: i for i in [*tok._byte_ids, *(m[2] for m in tok._merges), *extra_tokens(tok._vocab)]
+    }
     return tiktoken.Encoding(
         name=f"lmstack-{tok.content_hash[:12]}",
         pat_str=tok.pattern,
         mergeable_ranks=ranks,
         special_tokens=dict(tok._specials),
     )
+
+
+def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
+    """A `.tiktoken` file: one `base64(token bytes) rank` per line."""
+    path = Path(path)
+    text = read_text_file(path, what="tiktoken rank file")
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise InputError(
+                f"{path} line {number} is not `base64-token rank`: {line[:80]!r} — is it a .tiktoken file?"
+            ) from None
+    if len(set(ranks.values())) != len(ranks):
+        raise InputError(f"{path} gives two tokens the same rank — the file is corrupt")
+    ranks.pop(b"", None)  # Whisper's multilingual file ranks an empty token ("="), which nothing produces
+    return ranks
+
+
+def from_tiktoken(
+    path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    pattern: str | None = None,
+    special_tokens: Mapping[str, int] | None = None,
+) -> Tokenizer:
+    """A tokenizer with tiktoken's ranks as ids, encoding exactly as `tiktoken.Encoding` does.
+
+    tiktoken merges, within a piece, the adjacent pair whose concatenated bytes have the lowest rank
+    (leftmost on ties), after looking the whole piece up first. So every split of every token into two
+    tokens becomes a merge ranked by the token's id (`rank_by_token_id`), and `ignore_merges` does the
+    whole-piece lookup. Tokens no pair forms stay reachable through that lookup.
+    """
+    from lmstack.tokenizer.bpe import Tokenizer
+
+    if name is not None and name not in TIKTOKEN_ENCODINGS:
+        raise InputError(f"unknown tiktoken encoding {name!r} — one of {', '.join(TIKTOKEN_ENCODINGS)}")
+    preset_pattern, preset_specials = TIKTOKEN_ENCODINGS.get(name, (None, {}))
+    pattern = pattern or preset_pattern
+    if pattern is None:
+        raise InputError(
+            f"{path}: a .tiktoken file holds only ranks — pass name= (one of {', '.join(TIKTOKEN_ENCODINGS)}) "
+            "or the split pattern="
+        )
+    ranks = read_tiktoken_ranks(path)
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise InputError(f"{path} lacks {len(missing)} of the 256 single-byte tokens — not a byte-level BPE")
+    merges = []
+    for data, token_id in sorted(ranks.items(), key=lambda item: item[1]):
+        for cut in range(1, len(data)):
+            left, right = ranks.get(data[:cut]), ranks.get(data[cut:])
+            if left is not None and right is not None:
+                merges.append((left, right, token_id))
+    return Tokenizer(
+        merges,
+        pattern=pattern,
+        special_tokens=dict(preset_specials if special_tokens is None else special_tokens),
+        byte_ids=[ranks[bytes([b])] for b in range(256)],
+        extra_tokens={i: data for data, i in ranks.items() if len(data) > 1},
+        ignore_merges=True,
+        rank_by_token_id=True,
+    )
+
+
+def from_gpt2_files(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> Tokenizer:
+    """GPT-2's original release: `encoder.json` (token -> id, in the byte-level alphabet) and `vocab.bpe`
+    (the merges, one "left right" per line after a `#version` header). `<|endoftext|>` is special."""
+    source = str(encoder_json)
+    encoder = _parse_json(read_text_file(encoder_json, what="GPT-2 encoder.json"), source)
+    lines = read_text_file(vocab_bpe, what="GPT-2 vocab.bpe").splitlines()
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    end = "<|endoftext|>"
+    data = {
+        "model": {"type": "BPE", "vocab": encoder, "merges": merges},
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "added_tokens": [{"id": encoder[end], "content": end, "special": True}] if end in encoder else [],
+    }
+    return from_hf_json(data, {"eos_token": end}, source)
 
 
 # ---------------------------------------------------------------------------------------------------

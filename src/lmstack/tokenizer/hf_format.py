@@ -3,11 +3,11 @@
 A byte-level BPE `tokenizer.json` writes each token's bytes in GPT-2's byte-to-unicode alphabet (byte
 0x20, a space, is written `Ġ`), so the vocabulary and merges are readable strings. We write it by hand
 (saving needs no `tokenizers` package) with a `Split(regex)` + `ByteLevel` pre-tokenizer, and import
-the three common variants:
-
-- GPT-2: a lone `ByteLevel(use_regex=true)` pre-tokenizer (its built-in GPT-2 regex);
-- Llama-3: `Split(cl100k regex)` + `ByteLevel(use_regex=false)`, `ignore_merges`, a BOS template;
-- Qwen2: the same with one digit per piece and an NFC normalizer.
+byte-level BPE files as `tokenizers` reads them: the vocabulary gives the ids and the merge list only
+ranks pairs. A pre-tokenizer that is one regex (GPT-2's lone `ByteLevel`; Llama-3's and Qwen2's
+`Split` + `ByteLevel(use_regex=false)`) becomes the tokenizer's `pattern`; any other chain of the
+components in `components.py` (DeepSeek-V3's three `Split`s, StarCoder's `Digits` + `ByteLevel`) is
+kept as its spec. Normalizers and added tokens (special or not, `normalized` or not) likewise.
 
 SentencePiece-style files (Metaspace `▁`, byte fallback, Unigram) are refused with a clear error, as
 are options we would silently get wrong. The exported file never inserts BOS/EOS by itself
@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from lmstack.errors import InputError
-from lmstack.tokenizer.pretokenize import GPT2_PATTERN
+from lmstack.tokenizer.components import compile_normalizer, compile_pre_tokenizer, plain_pattern
 
 if TYPE_CHECKING:
     from lmstack.tokenizer.bpe import Tokenizer
@@ -56,8 +56,14 @@ def _to_hf_text(data: bytes) -> str:
     return "".join(table[b] for b in data)
 
 
+@lru_cache(maxsize=1)
+def unicode_to_bytes() -> dict[str, int]:
+    """The inverse of `bytes_to_unicode`."""
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def _from_hf_text(text: str, source: str) -> bytes:
-    table = {c: b for b, c in bytes_to_unicode().items()}
+    table = unicode_to_bytes()
     try:
         return bytes(table[c] for c in text)
     except KeyError:
@@ -86,13 +92,14 @@ def to_hf_json(tok: Tokenizer) -> dict[str, Any]:
                 "single_word": False,
                 "lstrip": False,
                 "rstrip": False,
-                "normalized": False,
+                "normalized": s in tok.normalized_tokens,
                 "special": special,
             }
             for i, s, special in sorted(added)
         ],
-        "normalizer": {"type": tok.normalizer} if tok.normalizer else None,
-        "pre_tokenizer": {
+        "normalizer": {"type": tok.normalizer} if isinstance(tok.normalizer, str) else tok.normalizer,
+        "pre_tokenizer": tok.pre_tokenizer
+        or {
             "type": "Sequence",
             "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
@@ -162,7 +169,9 @@ def from_hf_json(
 
     model = data.get("model") or {}
     _refuse_non_byte_level(data, model, source)
-    pattern = _hf_pattern(data.get("pre_tokenizer"), source)
+    pre_spec = data.get("pre_tokenizer")
+    compile_pre_tokenizer(pre_spec, source)  # refuses what we cannot reproduce, naming the component
+    pattern = plain_pattern(pre_spec)
     normalizer = _hf_normalizer(data.get("normalizer"), source)
     for option in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
         if model.get(option):
@@ -170,18 +179,27 @@ def from_hf_json(
 
     added: dict[str, int] = {}
     specials: dict[str, int] = {}
+    normalized: list[str] = []
     for entry in data.get("added_tokens") or []:
         if entry.get("lstrip") or entry.get("rstrip") or entry.get("single_word"):
             raise InputError(
                 f"{source}: added token {entry['content']!r} uses lstrip/rstrip/single_word, which lmstack does not support"
             )
         (specials if entry.get("special") else added)[entry["content"]] = int(entry["id"])
+        if entry.get("normalized") and normalizer is not None:
+            if entry.get("special"):
+                raise InputError(
+                    f"{source}: special token {entry['content']!r} is matched after normalization "
+                    '("normalized": true), which lmstack supports only for non-special added tokens'
+                )
+            normalized.append(entry["content"])
     reserved = set(specials.values()) | set(added.values())
 
     vocab_ids: dict[bytes, int] = {}
+    text_ids: dict[str, int] = {}
     for text, token_id in (model.get("vocab") or {}).items():
         if token_id not in reserved:
-            vocab_ids[_from_hf_text(text, source)] = int(token_id)
+            vocab_ids[_from_hf_text(text, source)] = text_ids[text] = int(token_id)
     missing = [b for b in range(256) if bytes([b]) not in vocab_ids]
     if missing:
         raise InputError(
@@ -189,18 +207,18 @@ def from_hf_json(
         )
     byte_ids = [vocab_ids[bytes([b])] for b in range(256)]
 
+    # The vocabulary gives ids; the merge list only ranks pairs (as in `tokenizers`).
     merges = []
     for rank, merge in enumerate(model.get("merges") or []):
         left, right = merge.split(" ") if isinstance(merge, str) else merge
-        left_b, right_b = _from_hf_text(left, source), _from_hf_text(right, source)
-        try:
-            merges.append((vocab_ids[left_b], vocab_ids[right_b], vocab_ids[left_b + right_b]))
+        try:  # the byte-level alphabet maps bytes to characters one to one, so strings concatenate alike
+            merges.append((text_ids[left], text_ids[right], text_ids[left + right]))
         except KeyError:
             raise InputError(
                 f"{source}: merge {rank} ({left!r}, {right!r}) uses or makes a token not in the vocabulary"
             ) from None
-    made = set(byte_ids) | {m[2] for m in merges}
-    extra = {i: data_ for data_, i in vocab_ids.items() if i not in made}
+    byte_set = set(byte_ids)
+    extra = {i: data_ for data_, i in vocab_ids.items() if i not in byte_set}
 
     config = config or {}
     bos = _token_name(config.get("bos_token")) or _template_bos(data.get("post_processor"))
@@ -211,7 +229,9 @@ def from_hf_json(
         template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
     return Tokenizer(
         merges,
-        pattern=pattern,
+        pattern=pattern or "gpt2",  # unused when pre_tokenizer is set
+        pre_tokenizer=None if pattern is not None else pre_spec,
+        normalized_tokens=normalized,
         special_tokens=specials,
         byte_ids=byte_ids,
         extra_tokens=extra,
@@ -239,39 +259,11 @@ def _refuse_non_byte_level(data: dict[str, Any], model: dict[str, Any], source: 
         raise InputError(f"{source} has a {kind} model; lmstack imports only byte-level BPE tokenizers")
 
 
-def _hf_pattern(pre: dict[str, Any] | None, source: str) -> str:
-    """The split regex of a ByteLevel (GPT-2) or Split + ByteLevel (Llama-3, Qwen2) pre-tokenizer."""
-    steps = (pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else [pre]) or [None]
-    unsupported = InputError(
-        f"{source}: unsupported pre-tokenizer {json.dumps(pre)[:200]} — lmstack imports ByteLevel, or "
-        "Split(regex, Isolated) followed by ByteLevel(use_regex=false), without add_prefix_space"
-    )
-    *splits, last = steps
-    if not last or last.get("type") != "ByteLevel" or last.get("add_prefix_space") or len(splits) > 1:
-        raise unsupported
-    if not splits:
-        if not last.get("use_regex", True):
-            raise unsupported
-        return GPT2_PATTERN
-    split = splits[0]
-    regex_text = (split.get("pattern") or {}).get("Regex")
-    if (
-        split.get("type") != "Split"
-        or regex_text is None
-        or split.get("invert")
-        or split.get("behavior") != "Isolated"
-        or last.get("use_regex", True)
-    ):
-        raise unsupported
-    return regex_text
-
-
-def _hf_normalizer(normalizer: dict[str, Any] | None, source: str) -> str | None:
-    if normalizer is None or (normalizer.get("type") == "Sequence" and not normalizer.get("normalizers")):
+def _hf_normalizer(normalizer: dict[str, Any] | None, source: str) -> str | dict[str, Any] | None:
+    """None, a plain name ("NFC") for a single Unicode normalizer, or the spec of a chain."""
+    if compile_normalizer(normalizer, source) is None:
         return None
-    if normalizer.get("type") == "NFC":
-        return "NFC"
-    raise InputError(f"{source}: unsupported normalizer {normalizer.get('type')!r} — only none or NFC")
+    return normalizer["type"] if normalizer.get("type") in ("NFC", "NFKC", "Lowercase") else normalizer
 
 
 def _token_name(value: Any) -> str | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import regex
 
 from lmstack.errors import InputError
+from lmstack.textfile import check_text_file, utf8_error
 
 # The GPT-2 pattern exactly as Hugging Face's ByteLevel pre-tokenizer (use_regex=True) applies it.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -33,7 +34,42 @@ GPT4_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, "cl100k": GPT4_PATTERN}
+# tiktoken's published encodings: split pattern and special tokens (the ranks come from the .tiktoken
+# file). These patterns use possessive quantifiers, which `regex` and tiktoken read alike.
+R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+O200K_PATTERN = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+_ENDOFTEXT, _FIM = "<|endoftext|>", ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
+TIKTOKEN_ENCODINGS: dict[str, tuple[str, dict[str, int]]] = {
+    "r50k_base": (R50K_PATTERN, {_ENDOFTEXT: 50256}),
+    "p50k_base": (R50K_PATTERN, {_ENDOFTEXT: 50256}),
+    "cl100k_base": (
+        CL100K_PATTERN,
+        {_ENDOFTEXT: 100257, **{t: 100258 + k for k, t in enumerate(_FIM)}, "<|endofprompt|>": 100276},
+    ),
+    "o200k_base": (O200K_PATTERN, {_ENDOFTEXT: 199999, "<|endofprompt|>": 200018}),
+}
+PATTERNS = {
+    "gpt2": GPT2_PATTERN,
+    "gpt4": GPT4_PATTERN,
+    "cl100k": GPT4_PATTERN,
+    "r50k_base": R50K_PATTERN,
+    "cl100k_base": CL100K_PATTERN,
+    "o200k_base": O200K_PATTERN,
+}
 
 # Files are read in blocks of this many bytes; only distinct pieces are kept in memory.
 READ_BLOCK_BYTES = 1 << 20
@@ -63,8 +99,8 @@ def resolve_pattern(pattern: str) -> str:
 
 
 def pattern_name(pattern: str) -> str:
-    """The built-in name of a pattern ("gpt2", "gpt4"), or "custom"."""
-    for name in ("gpt2", "gpt4"):
+    """The built-in name of a pattern ("gpt2", "gpt4", or a tiktoken encoding's), or "custom"."""
+    for name in ("gpt2", "gpt4", "r50k_base", "cl100k_base", "o200k_base"):
         if PATTERNS[name] == pattern:
             return name
     return "custom"
@@ -181,7 +217,7 @@ def iter_training_texts(inputs: Iterable[str | Path] | str | Path) -> Iterator[I
     as_files = isinstance(inputs, (list, tuple)) and _are_paths(list(inputs))
     if as_files:  # fail before hours of work on the files in front of a missing one
         for path in inputs:
-            _check_file(Path(path))
+            check_text_file(path)
     for item in inputs:
         if as_files or isinstance(item, os.PathLike):
             yield iter_file_text(item)
@@ -217,9 +253,10 @@ def _are_paths(items: list) -> bool:
 def iter_file_text(path: str | os.PathLike, block_bytes: int = READ_BLOCK_BYTES) -> Iterator[str]:
     """Yield the text of a UTF-8 file in blocks (a leading BOM dropped, line endings kept as they are).
 
-    Checks happen on first use, so a missing or undecodable file fails with a message naming it.
+    Checks happen on first use (`lmstack.textfile.check_text_file`: exists, not a folder, no NUL bytes,
+    not empty), so a bad file fails with a message naming it; bad UTF-8 later in the file fails too.
     """
-    path = _check_file(Path(path))
+    path = check_text_file(path)
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     offset = 0
     with path.open("rb") as f:
@@ -228,20 +265,9 @@ def iter_file_text(path: str | os.PathLike, block_bytes: int = READ_BLOCK_BYTES)
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as exc:
-                raise InputError(
-                    f"{path} is not valid UTF-8 (near byte {offset + exc.start}: {exc.reason}) — convert it, "
-                    f"e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`"
-                ) from None
+                raise utf8_error(path, exc, offset) from None
             if text:
                 yield text
             if not block:
                 return
             offset += len(block)
-
-
-def _check_file(path: Path) -> Path:
-    if not path.exists():
-        raise InputError(f"input file not found: {path} — check the path")
-    if path.is_dir():
-        raise InputError(f"input {path} is a directory — pass the text files inside it")
-    return path

@@ -5,7 +5,7 @@ and special tokens come last. An imported vocabulary (GPT-2, Llama-3, Qwen2) num
 so the general form kept here is: the id of each byte value, the merges as (left, right, new id) in
 rank order, optional extra tokens no merge produces, and the special / added tokens.
 
-`build_vocab` checks that all of this is consistent (every merge uses ids defined before it, ids are not
+`build_vocab` checks that all of this is consistent (every merge joins ids that exist and makes their bytes, ids are not
 reused with different bytes, specials do not collide). Those checks are also how a corrupt or hand-edited
 tokenizer file is caught on load.
 """
@@ -36,28 +36,48 @@ def build_vocab(
     byte_ids: Sequence[int] | None = None,
     extra_tokens: Mapping[int, bytes] | None = None,
     added_tokens: Mapping[str, int] | None = None,
+    rank_by_token_id: bool = False,
 ) -> Vocab:
     """Check and index a vocabulary. `merges` are (left, right) pairs making id 256 + i, or triples.
 
-    `special_tokens` given as a list get ids after every other token, in order.
+    `special_tokens` given as a list get ids after every other token, in order. A merge's rank is its
+    place in the list; with `rank_by_token_id` it is the id of the token it makes (tiktoken's rule:
+    every pair whose bytes form token T merges with priority T, ties going to the leftmost pair).
     """
     byte_ids = list(range(256)) if byte_ids is None else [int(i) for i in byte_ids]
     if len(byte_ids) != 256 or len(set(byte_ids)) != 256 or min(byte_ids) < 0:
         raise InputError("byte_ids must list 256 distinct non-negative ids, one per byte value")
     table: dict[int, bytes] = {i: bytes([b]) for b, i in enumerate(byte_ids)}
-    checked: list[tuple[int, int, int]] = []
-    for rank, merge in enumerate(merges):
-        left, right, new_id = (*merge, 256 + rank) if len(merge) == 2 else merge
-        if left not in table or right not in table:
-            raise InputError(f"merge {rank} ({left}, {right}) uses an id not defined before it")
-        joined = table[left] + table[right]
-        if table.setdefault(new_id, joined) != joined:
-            raise InputError(f"merge {rank} gives id {new_id} bytes that differ from its earlier use")
-        checked.append((left, right, new_id))
+    # An imported vocabulary gives every token's bytes up front, and its merge list only ranks pairs:
+    # real files (Llama-3) list merges whose parts a later merge makes, and several merges making one
+    # token. So the extra tokens go in first and merges are resolved in passes until none is left.
     for token_id, data in (extra_tokens or {}).items():
         if table.setdefault(int(token_id), bytes(data)) != bytes(data):
             raise InputError(f"extra token {token_id} collides with another token")
-    ranks = {(left, right): (rank, new_id) for rank, (left, right, new_id) in enumerate(checked)}
+    checked: list[tuple[int, int, int]] = [
+        (*merge, 256 + rank) if len(merge) == 2 else tuple(merge) for rank, merge in enumerate(merges)
+    ]
+    pending = list(range(len(checked)))
+    while pending:
+        waiting = []
+        for rank in pending:
+            left, right, new_id = checked[rank]
+            if left not in table or right not in table:
+                waiting.append(rank)
+                continue
+            joined = table[left] + table[right]
+            if table.setdefault(new_id, joined) != joined:
+                raise InputError(f"merge {rank} gives id {new_id} bytes that differ from its other uses")
+        if len(waiting) == len(pending):
+            left, right, _ = checked[waiting[0]]
+            raise InputError(
+                f"merge {waiting[0]} ({left}, {right}) uses an id that no byte, vocabulary token or merge defines"
+            )
+        pending = waiting
+    ranks = {
+        (left, right): (new_id if rank_by_token_id else rank, new_id)
+        for rank, (left, right, new_id) in enumerate(checked)
+    }
     if len(ranks) != len(checked):
         raise InputError("the same pair appears twice in the merges — the merge list is corrupt")
     bytes_to_id = {data: i for i, data in table.items()}
@@ -95,7 +115,7 @@ def extra_tokens(vocab: Vocab) -> dict[int, bytes]:
     }
 
 
-def identity(vocab: Vocab, pattern: str, normalizer: str | None, ignore_merges: bool) -> dict[str, Any]:
+def identity(vocab: Vocab, pattern: str, normalizer: Any, ignore_merges: bool) -> dict[str, Any]:
     """Everything that decides the ids of a text, as plain JSON data."""
     return {
         "byte_ids": vocab.byte_ids,

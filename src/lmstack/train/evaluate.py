@@ -26,6 +26,7 @@ from torch import nn
 
 from lmstack.data.loader import eval_batches
 from lmstack.errors import InputError
+from lmstack.textfile import read_text_file
 from lmstack.train.distributed import DistInfo, all_reduce_sum
 
 
@@ -174,19 +175,4 @@ def evaluate(
 
 
 def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise InputError(f"data file not found: {path} — give a UTF-8 text file")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder — `lmstack eval --data` takes one UTF-8 text file")
-    raw = path.read_bytes()
-    if b"\0" in raw[:8192]:
-        raise InputError(f"{path} looks binary (it contains NUL bytes) — give a UTF-8 text file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{path} is not UTF-8 text (bad byte at offset {exc.start}) — convert it to UTF-8"
-        ) from None
-    if not text.strip():
-        raise InputError(f"{path} is empty — give a file with text to score")
-    return text
+    return read_text_file(path, what="data file")
