@@ -17,6 +17,7 @@ from lmstack.finetune.lora import (
     load_adapter,
     lora_state_dict,
     merge_lora,
+    peft_state_dict,
     save_adapter,
     trainable_parameters,
     unmerge_lora,
@@ -98,14 +99,8 @@ def peft_twin(ours: nn.Module, base: nn.Module, targets: tuple[str, ...], cfg: L
         use_dora=cfg.use_dora,
     )
     twin = peft.get_peft_model(copy.deepcopy(base), pc)
-    peft.set_peft_model_state_dict(twin, _peft_names(ours))
+    peft.set_peft_model_state_dict(twin, peft_state_dict(ours))
     return twin
-
-
-def _peft_names(model: nn.Module) -> dict[str, torch.Tensor]:
-    from lmstack.finetune.lora import peft_state_dict
-
-    return peft_state_dict(model)
 
 
 @pytest.mark.parametrize("targets", TARGET_SETS)
@@ -300,3 +295,25 @@ def test_load_errors(tmp_path) -> None:
         load_adapter(copy.deepcopy(base), tmp_path, name_map=lambda p: "x." + p)
     with pytest.raises(InputError, match="does not exist"):
         load_adapter(copy.deepcopy(base), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_dropout_matches_peft_in_training(use_dora: bool) -> None:
+    """With the same seed both draw the same dropout masks: one per adapted layer, in forward order."""
+    base = toy()
+    cfg = LoraConfig(r=4, alpha=8, targets=("q", "v", "up"), dropout=0.3, use_dora=use_dora)
+    ours = apply_lora(copy.deepcopy(base), cfg)
+    randomise_b(ours)
+    pc = peft.LoraConfig(
+        target_modules=["q", "v", "up"], r=4, lora_alpha=8, lora_dropout=0.3, use_dora=use_dora
+    )
+    twin = peft.get_peft_model(copy.deepcopy(base), pc)
+    peft.set_peft_model_state_dict(twin, peft_state_dict(ours))
+    ours.train()
+    twin.train()
+    x = ids()
+    torch.manual_seed(5)
+    got = ours(x)
+    torch.manual_seed(5)
+    want = twin(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
