@@ -20,6 +20,7 @@ from lmstack.finetune.lora import (
     peft_state_dict,
     save_adapter,
     trainable_parameters,
+    unload_lora,
     unmerge_lora,
 )
 
@@ -131,6 +132,13 @@ def test_matches_peft(targets: tuple[str, ...], rslora: bool, use_dora: bool) ->
             torch.testing.assert_close(
                 layer.lora_B.grad, theirs[f"{prefix}.lora_B.default.weight"], atol=1e-4, rtol=1e-4
             )
+            if use_dora:
+                torch.testing.assert_close(
+                    layer.lora_magnitude.grad,
+                    theirs[f"{prefix}.lora_magnitude_vector.default.weight"],
+                    atol=1e-4,
+                    rtol=1e-4,
+                )
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -289,8 +297,14 @@ def test_load_errors(tmp_path) -> None:
     ours = apply_lora(copy.deepcopy(base), LoraConfig(r=4, targets=("q", "v")))
     save_adapter(ours, tmp_path)
     wrong_rank = apply_lora(copy.deepcopy(base), LoraConfig(r=2, targets=("q", "v")))
-    with pytest.raises(InputError, match=r"blocks\.0\.q\.lora_A has shape \(4, 16\).*\(2, 16\)"):
+    with pytest.raises(InputError, match=r"'blocks\.0\.q' has an adapter with .* \(2, 16\.0"):
         load_adapter(wrong_rank, tmp_path)
+    other = copy.deepcopy(base)
+    other.blocks[0].q = nn.Linear(D, 12, bias=False)  # a different model: q has 12 outputs
+    with pytest.raises(
+        InputError, match=r"blocks\.0\.q\.lora_B has shape \(16, 4\) but the model expects \(12, 4\)"
+    ):
+        load_adapter(other, tmp_path)
     with pytest.raises(InputError, match="names no linear layer"):
         load_adapter(copy.deepcopy(base), tmp_path, name_map=lambda p: "x." + p)
     with pytest.raises(InputError, match="does not exist"):
@@ -317,3 +331,47 @@ def test_dropout_matches_peft_in_training(use_dora: bool) -> None:
     torch.manual_seed(5)
     want = twin(x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_unload_gives_plain_linears_with_the_merged_weights() -> None:
+    base = toy()
+    model = apply_lora(
+        copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets=("q", "v", "down"), use_dora=True)
+    )
+    randomise_b(model)
+    x = ids()
+    adapted = model(x)
+    unload_lora(model)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert set(model.state_dict()) == set(base.state_dict())
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+    assert type(model.blocks[0].q) is nn.Linear
+
+
+def test_merging_a_tied_layer_is_refused() -> None:
+    model = apply_lora(toy(), LoraConfig(r=2, targets=("q", "lm_head")))
+    assert model.lm_head.weight is model.embed.weight  # still tied while the adapter is separate
+    with pytest.raises(InputError, match="'lm_head' shares its weight with embed"):
+        merge_lora(model)
+
+
+def test_bf16_base_trains_fp32_adapters() -> None:
+    base = toy().to(torch.bfloat16)
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, targets=("q", "v"), use_dora=True))
+    layer = model.blocks[0].q
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    assert layer.lora_magnitude.dtype == torch.float32
+    x = ids()
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, base(x), rtol=0, atol=0.05)
+    out.float().square().sum().backward()
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_loading_into_an_adapter_of_another_scale_is_refused(tmp_path) -> None:
+    base = toy()
+    save_adapter(apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8)), tmp_path)
+    other = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=16))
+    with pytest.raises(InputError, match="load it into the base model"):
+        load_adapter(other, tmp_path)

@@ -9,6 +9,7 @@ from lmstack.finetune.lora import (
     merge_lora,
     save_adapter,
     trainable_parameters,
+    unload_lora,
     unmerge_lora,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "merge_lora",
     "save_adapter",
     "trainable_parameters",
+    "unload_lora",
     "unmerge_lora",
 ]

@@ -240,8 +240,37 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight; the forward then runs the plain linear layers."""
-    for layer in lora_layers(model).values():
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(name)
+    layers = lora_layers(model)
+    for path, layer in layers.items():
+        others = sorted(
+            set(holders[id(layer.weight)]) - {n for n, m in layers.items() if m is layer} - {path}
+        )
+        if others:
+            raise InputError(
+                f"layer {path!r} shares its weight with {', '.join(others)} (tied weights) — merging would "
+                "change both; keep this adapter unmerged, or untie the weights first"
+            )
+    for layer in layers.values():
         layer.merge()
+    return model
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put plain `nn.Linear` layers back (the model's own state-dict names and
+    no `lora_` tensors), ready to save as an ordinary checkpoint."""
+    merge_lora(model)
+    for path, layer in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(layer, LoraLinear):
+            plain = nn.Linear(
+                layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
+            )
+            plain.weight, plain.bias = layer.weight, layer.bias
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), child, plain)
     return model
 
 
@@ -409,6 +438,13 @@ def load_adapter(model: nn.Module, path: str | Path, name_map: NameMap = None) -
         for p in model.parameters():
             p.requires_grad_(False)
         inject(model, list(wanted), config)
+    for path, layer in lora_layers(model).items():
+        have = (layer.r, layer.alpha, layer.rslora, layer.use_dora)
+        if have != (config.r, config.alpha, config.rslora, config.use_dora):
+            raise InputError(
+                f"layer {path!r} has an adapter with r, alpha, rslora, use_dora = {have} but the folder's are "
+                f"{(config.r, config.alpha, config.rslora, config.use_dora)} — load it into the base model instead"
+            )
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
     for module, found in wanted.items():
         layer = layers.get(module)
