@@ -108,10 +108,17 @@ class AdamW8bit(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.block_size, self.min_8bit_size = block_size, min_8bit_size
-        self.signed_map, self.unsigned_map = dynamic_map(signed=True), dynamic_map(signed=False)
+        self._maps: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+    def qmap(self, signed: bool, device: torch.device) -> torch.Tensor:
+        """The signed (for m) or unsigned (for v) dynamic map, built once per device."""
+        key = (signed, device)
+        if key not in self._maps:
+            self._maps[key] = dynamic_map(signed=signed).to(device)
+        return self._maps[key]
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.float32)}
+        state: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.float32)}  # on the CPU
         if p.numel() < self.min_8bit_size:
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
@@ -119,7 +126,7 @@ class AdamW8bit(torch.optim.Optimizer):
         for name in ("exp_avg", "exp_avg_sq"):
             # all-zero codes would not decode to 0 in the signed map; quantise real zeros instead
             zero = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            qmap = self.signed_map if name == "exp_avg" else self.unsigned_map
+            qmap = self.qmap(name == "exp_avg", p.device)
             state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(zero, qmap, self.block_size)
         return state
 
@@ -141,14 +148,15 @@ class AdamW8bit(torch.optim.Optimizer):
                 if not state:
                     state.update(self._init_state(p))
                 quantised = "exp_avg_codes" in state
+                signed_map, unsigned_map = self.qmap(True, p.device), self.qmap(False, p.device)
                 if quantised:
                     m = dequantize_blockwise(
-                        state["exp_avg_codes"], state["exp_avg_absmax"], self.signed_map, self.block_size
+                        state["exp_avg_codes"], state["exp_avg_absmax"], signed_map, self.block_size
                     )
                     v = dequantize_blockwise(
                         state["exp_avg_sq_codes"],
                         state["exp_avg_sq_absmax"],
-                        self.unsigned_map,
+                        unsigned_map,
                         self.block_size,
                     )
                 else:
@@ -166,10 +174,10 @@ class AdamW8bit(torch.optim.Optimizer):
                 p.copy_(weights)
                 if quantised:
                     state["exp_avg_codes"], state["exp_avg_absmax"] = quantize_blockwise(
-                        m, self.signed_map, self.block_size
+                        m, signed_map, self.block_size
                     )
                     state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quantize_blockwise(
-                        v, self.unsigned_map, self.block_size
+                        v, unsigned_map, self.block_size
                     )
         return loss
 
@@ -182,8 +190,10 @@ class AdamW8bit(torch.optim.Optimizer):
         by_id = dict(zip(saved_ids, params))
         for key, saved in state_dict["state"].items():
             p = by_id[key]
+            # the step counter stays on the CPU, so reading it for the bias correction never syncs a GPU
             self.state[p] = {
-                k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in saved.items()
+                k: v.to("cpu" if k == "step" else p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                for k, v in saved.items()
             }
 
 
