@@ -21,6 +21,15 @@ from lmstack.train.optim8bit import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is fastest, and on a shared machine two contend badly (15× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def problem(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """Least squares with a 96×128 weight (12,288 elements: 6 blocks of 2048) plus a small bias."""
     g = torch.Generator().manual_seed(seed)
