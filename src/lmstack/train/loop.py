@@ -363,12 +363,13 @@ class _Loop:
                 kept = ckpt.latest_checkpoint(self.run_dir, verify=False)
                 bad = loss if not math.isfinite(loss) else grad_norm
                 what = f"the {'training loss' if bad is loss else 'gradient norm'} became {'NaN' if math.isnan(bad) else bad}"
+                when = "after the method's own update" if stepped else "before updating the weights"
                 raise RunError(
-                    f"{what} at step {step}; the run stopped before updating the weights and kept its last good "
+                    f"{what} at step {step}; the run stopped {when} and kept its last good "
                     f"checkpoint ({kept or 'none written yet'}) — lower the learning rate or use fp32, then continue "
                     "with --resume"
                 )
-            if stepped:
+            if stepped:  # the method updated the weights itself
                 pass
             elif self.scaler is not None:
                 self.scaler.step(self.optimizer)

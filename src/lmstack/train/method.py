@@ -103,7 +103,8 @@ class Method:
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """What the method must checkpoint beyond the model and optimizer: named tensors (saved as
-        safetensors) and JSON-able values."""
+        safetensors) and JSON-able values. Under DDP the main process's state is saved and every
+        process loads it on resume, so keep it the same on every process."""
         return {}, {}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
