@@ -30,6 +30,7 @@ from lmstack.interop.gguf import (
 )
 from lmstack.interop.hf import from_pretrained, hf_state_dict, save_pretrained
 from lmstack.model import build_model
+from lmstack.quant import ggml_dequantize
 from lmstack.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -154,7 +155,8 @@ def test_q4_k_m_mix_follows_llama_cpp(folder, family, tmp_path):
     assert types["output_norm.weight"] == "F32"
     if family == "gpt2":
         assert types["token_embd.weight"] == "Q6_K"  # tied head: the embedding is the output
-        assert types["blk.0.attn_qkv.weight"] == "Q5_K" and types["position_embd.weight"] == "F32"
+        assert types["blk.0.attn_qkv.weight"] == "Q4_K" and types["blk.1.attn_qkv.weight"] == "Q6_K"
+        assert types["position_embd.weight"] == "F32"
         assert types["blk.0.ffn_up.weight"] == "Q4_K"
     else:
         assert types["token_embd.weight"] == "Q4_K" and types["output.weight"] == "Q6_K"
@@ -245,7 +247,18 @@ def llama_cpp():
         if os.environ.get("CI") == "true":
             pytest.fail("llama_cpp is not importable under CI — install the test extra (llama-cpp-python)")
         pytest.skip("llama_cpp is not installed — pip install llama-cpp-python to run the llama.cpp tests")
-    return llama_cpp
+    # llama.cpp 0.3.36 repacks Q4_0/K-quant weights at load for AMX/AVX-512 kernels, and that path crashes
+    # on some CPUs (llama.cpp's own quantize output too); the plain CPU kernels are what we compare with.
+    default_params = llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_repacking)
+        yield llama_cpp
 
 
 def _llama(llama_cpp, path: Path):
@@ -276,8 +289,15 @@ def _our_greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-# relative RMS logit error vs our float32 model, and top-1 agreement, measured on held-out text
-CPP_TOLERANCE = {"f32": (0.01, 1.0), "f16": (0.02, 0.98), "q8_0": (0.05, 0.95), "q4_0": (0.3, 0.95), "q4_k_m": (0.3, 0.95)}  # fmt: skip
+# llama.cpp's logits vs ours on held-out text: relative RMS error and top-1 agreement. The reference for
+# a quantised file is our model imported from that same file (its dequantised weights): llama.cpp then
+# differs only by its arithmetic (it rounds activations to 8 bits for quantised dot products, keeps the
+# KV cache in f16). Random std-0.2 models amplify weight noise, so quantised-vs-float32 drift is a
+# property of the model, not of the file, and is not what these tests measure.
+# Top-1 agreement is counted where the reference's top-1 leads its runner-up by >= MARGIN logits: a random
+# model has many near-ties that any 8-bit activation rounding flips.
+CPP_TOLERANCE = {"f32": (0.01, 0.98), "f16": (0.02, 0.98), "q8_0": (0.1, 0.95), "q4_0": (0.12, 0.95), "q4_k_m": (0.12, 0.95)}  # fmt: skip
+MARGIN = 0.5
 
 
 @pytest.mark.parametrize("file_type", list(CPP_TOLERANCE))
@@ -286,13 +306,54 @@ def test_llama_cpp_runs_our_gguf(llama_cpp, folder, family, held_out, tmp_path, 
     tokenizer = Tokenizer.load(folder)
     path = export_gguf(model, tokenizer, tmp_path / f"{family}-{file_type}.gguf", file_type)
     llm = _llama(llama_cpp, path)
-    ids = tokenizer.encode(held_out)[:200]
+    ids = tokenizer.encode_ordinary(held_out)[:200]
     assert llm.tokenize(held_out.encode(), add_bos=False, special=False)[:200] == ids
-    ref, got = _logits(model, ids), _cpp_logits(llm, ids)
+    reference = model if file_type in ("f32", "f16") else from_pretrained(import_gguf(path, tmp_path / "deq"))
+    ref, got = _logits(reference, ids), _cpp_logits(llm, ids)
     max_rel, min_top1 = CPP_TOLERANCE[file_type]
     rel = float((got - ref).pow(2).mean().sqrt() / ref.std())
-    top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) >= (MARGIN if file_type not in ("f32", "f16") else 0)
+    assert clear.float().mean() > 0.3, float(
+        clear.float().mean()
+    )  # enough clear winners: the check has teeth
+    top1 = float((got.argmax(-1) == ref.argmax(-1))[clear].float().mean())
     assert rel < max_rel and top1 >= min_top1, f"{family} {file_type}: rel {rel:.4f}, top-1 {top1:.3f}"
     if file_type in ("f32", "f16"):
         prompt = ids[:16]
         assert _cpp_greedy(llm, prompt, 24) == _our_greedy(model, prompt, 24)
+
+
+def test_our_q4_k_m_file_matches_llama_cpp_quantize(llama_cpp, folder, family, tmp_path):
+    """llama.cpp's own quantizer, run on our F32 file, picks the same type for every tensor; the simple
+    formats come out bit-equal. Our K-quant search reduces sums in another order and breaks near-ties
+    differently, so its bytes differ in about half the blocks; its reconstruction error must stay
+    within 3% of llama.cpp's."""
+    import ctypes
+
+    model = from_pretrained(folder)
+    tokenizer = Tokenizer.load(folder)
+    f32 = export_gguf(model, tokenizer, tmp_path / "f32.gguf", "f32")
+    ours = export_gguf(model, tokenizer, tmp_path / "ours.gguf", "q4_k_m")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = 15, 2  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    theirs = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    read = lambda p: {t.name: t for t in gguf.GGUFReader(str(p)).tensors}
+    source, a, b = read(f32), read(ours), read(theirs)
+    mix_a = {n: t.tensor_type.name for n, t in a.items()}
+    mix_b = {n: t.tensor_type.name for n, t in b.items()}
+    assert mix_a == mix_b, {
+        n: (mix_a.get(n), mix_b.get(n)) for n in mix_a.keys() | mix_b.keys() if mix_a.get(n) != mix_b.get(n)
+    }
+    for name, t in b.items():
+        qtype = t.tensor_type.name
+        mine, ref = np.asarray(a[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)
+        if qtype in ("F32", "Q8_0", "Q5_0"):
+            assert np.array_equal(mine, ref), name
+            continue
+        x = torch.from_numpy(np.array(source[name].data, dtype=np.float32))
+        shape = tuple(x.shape)
+        err_mine = (ggml_dequantize(torch.from_numpy(mine.copy()), qtype, shape) - x).pow(2).sum()
+        err_ref = (ggml_dequantize(torch.from_numpy(ref.copy()), qtype, shape) - x).pow(2).sum()
+        assert err_mine <= 1.03 * err_ref, (name, float(err_mine / err_ref))

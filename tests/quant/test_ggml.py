@@ -1,7 +1,7 @@
 """GGUF block formats against the `gguf` package: quantisers bit-equal where it has one (Q8_0, Q4_0,
 Q4_1, Q5_0, Q5_1), every dequantiser equal to its decoder. The `gguf` package has no K-quant encoder,
 so Q4_K/Q5_K/Q6_K bytes are checked by decoding them with `gguf` and by their error against the
-input; tests/interop/test_gguf_llama_cpp.py compares them with llama.cpp's own quantiser."""
+input; tests/interop/test_gguf.py compares them with llama.cpp's own quantiser."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ Two layout facts llama.cpp needs:
   - GPT-2's Conv1D stores (in, out); GGUF stores every matrix as (out, in) rows.
 
 `q4_k_m` follows llama.cpp's Q4_K_M mix: Q4_K by default; Q6_K for the output head (the embedding
-when the head is tied) and for attn_v / ffn_down in the first and last eighth of the layers and every
-third one between; Q5_K for GPT-2's fused attn_qkv. A row width that is not a multiple of 256 falls
+when the head is tied) and for attn_v (GPT-2's fused attn_qkv) and ffn_down in the first and last eighth
+of the layers and every third one between (checked against llama.cpp's own quantizer in the tests). A row width that is not a multiple of 256 falls
 back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), to F16 when not a multiple of 32.
 """
 
@@ -142,10 +142,8 @@ def tensor_type(name: str, shape: tuple[int, ...], file_type: str, n_layers: int
     layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
     if name == "output.weight" or (name == "token_embd.weight" and not has_output):
         qtype = "Q8_0" if qtype == "Q8_0" or shape[-1] % QK_K else "Q6_K"
-    elif ft.mix and (name.endswith("attn_v.weight") or name.endswith("ffn_down.weight")):
+    elif ft.mix and name.endswith(("attn_v.weight", "attn_qkv.weight", "ffn_down.weight")):
         qtype = "Q6_K" if _use_more_bits(layer, n_layers) else qtype
-    elif ft.mix and name.endswith("attn_qkv.weight"):
-        qtype = "Q5_K"
     if shape[-1] % GGML_BLOCKS[qtype][0]:
         qtype = _FALLBACK.get(qtype, qtype)
     if shape[-1] % GGML_BLOCKS[qtype][0]:
