@@ -23,6 +23,8 @@ COMMAND_MODULES = {
     "eval": "lmstack.cli.train",
     "generate": "lmstack.cli.infer",
     "chat": "lmstack.cli.infer",
+    "export": "lmstack.cli.export",
+    "import": "lmstack.cli.export",
 }
 
 
