@@ -49,6 +49,9 @@ class SamplingParams:
     stop_ids: tuple[int, ...] | None = None
     seed: int | None = None
     logprobs: int | None = None
+    # (ids_so_far, logits (V,)) -> logits (V,), applied after the penalties and before temperature;
+    # ids_so_far are the generated tokens only. Constrained decoding (JSON mode) plugs in here.
+    logits_processors: tuple = ()
 
     def __post_init__(self) -> None:
         if self.stop_ids is not None:
@@ -75,6 +78,7 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
             or self.no_repeat_ngram_size > 0
+            or bool(self.logits_processors)
         )
 
 
@@ -239,6 +243,9 @@ class RequestSampler:
                 if banned:
                     z = z.clone()
                     z[banned] = NEG_INF
+            generated = tokens[self.n_prompt :]
+            for processor in p.logits_processors:
+                z = processor(generated, z)
         return warp(z[None], p)[0]
 
     def _history_tensors(self, history: list[int], logits: torch.Tensor):
