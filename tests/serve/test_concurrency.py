@@ -125,3 +125,17 @@ def test_api_key_is_required_when_set(start_server, key_header):
     assert status == (200 if key_header == "Bearer sekrit" else 401)
     if status == 401:
         assert json.loads(body)["error"]["code"] == "invalid_api_key"
+
+
+def test_a_client_leaving_a_whole_response_request_cancels_it(start_server):
+    server = start_server(max_batch=2, kv_blocks=64)
+    payload = json.dumps(
+        dict(model="tiny", prompt="To be", max_tokens=240, ignore_eos=True, temperature=0)
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))  # fmt: skip
+    wait_for(lambda: server.metrics()["lmstack:kv_cache_usage_perc"] > 0)
+    sock.close()
+    wait_for(lambda: server.metrics().get("lmstack:request_success_total{finished_reason=abort}", 0) == 1)
+    assert server.state.engine.cache.allocator.used == 0 and server.state.in_flight == 0

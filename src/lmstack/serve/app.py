@@ -268,15 +268,19 @@ class _Exchange:
 
     async def collect(self, request: Request) -> Response:
         entries: list[list] = [[] for _ in self.jobs]
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while not all(c.done for c in self.choices):
                 try:
                     index, _, new = await asyncio.wait_for(self._next(), DISCONNECT_POLL_S)
+                    entries[index] += new
                 except asyncio.TimeoutError:
+                    pass
+                if loop.time() - checked >= DISCONNECT_POLL_S:  # tokens may flow without pause: poll by time
+                    checked = loop.time()
                     if await request.is_disconnected():
                         return Response(status_code=499)  # nobody reads it; release() cancels the rest
-                    continue
-                entries[index] += new
         except ValueError as exc:
             return error_response(RequestError(str(exc)))
         choices = [
