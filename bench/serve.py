@@ -8,8 +8,10 @@ p99; measured by the client on the SSE stream).
 
 Both sides serve the SAME weights (a random-weight Llama-shaped model of ~3M parameters with a BPE
 tokenizer trained here, saved once with `save_pretrained` under bench/.cache/) as subprocesses with
-the same thread count: `lmstack serve` and, when it starts here, `transformers serve
---continuous-batching` (needs fastapi). Output tokens are counted from each stream's usage chunk.
+the same thread count: `lmstack serve`, `transformers serve --continuous-batching` and plain
+`transformers serve` (both need fastapi; a side that does not start reports its error). Output tokens
+are counted from each stream's usage chunk. `lmstack serve` gets `ignore_eos` so every request runs to
+its max_tokens; `transformers` may stop early at EOS, which only lowers its token count.
 """
 
 from __future__ import annotations
@@ -155,7 +157,9 @@ def run_level(port: int, model: str, clients: int, items: list[dict], limit_s: f
 def bench_server(name: str, cmd: list[str], env: dict, port: int, model: str, levels, per_level: dict,
                  limit_s: float, extra: dict) -> dict:  # fmt: skip
     log(f"starting {name}: {' '.join(cmd)}")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         if not wait_ready(port, model, proc):
             err = proc.stderr.read().decode(errors="replace")[-600:] if proc.poll() is not None else "timeout"
@@ -186,33 +190,44 @@ def main() -> None:
     threads = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}  # fmt: skip
-    ours_port, theirs_port = free_port(), free_port()
+    ours_port = free_port()
     ours = bench_server(
         "lmstack serve",
         [sys.executable, "-m", "lmstack", "serve", "--model", str(folder), "--port", str(ours_port),
          "--max-batch", "16", "--kv-blocks", "1024", "--log-level", "warning"],
         env, ours_port, folder.name, LEVELS, per_level, args.limit_s, {"ignore_eos": True},
     )  # fmt: skip
-    theirs_cmd = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder),
-                  "--continuous-batching", "--port", str(theirs_port)]  # fmt: skip
-    theirs = bench_server(
-        "transformers serve --continuous-batching", theirs_cmd, env, theirs_port, str(folder), LEVELS,
-        per_level, args.limit_s, {},
-    )  # fmt: skip
+    references = {}
+    for name, flags in (("transformers_serve_cb", ["--continuous-batching"]), ("transformers_serve", [])):
+        port = free_port()
+        cmd = [
+            str(Path(sys.executable).with_name("transformers")),
+            "serve",
+            str(folder),
+            "--port",
+            str(port),
+            *flags,
+        ]
+        references[name] = bench_server(
+            name, cmd, env, port, str(folder), LEVELS, per_level, args.limit_s, {}
+        )
     import torch
 
     ratio = {}
-    for c in LEVELS:
-        a, b = ours.get(str(c), {}), theirs.get(str(c), {})
-        if a.get("output_tokens_per_s") and b.get("output_tokens_per_s"):
-            ratio[str(c)] = round(a["output_tokens_per_s"] / b["output_tokens_per_s"], 2)
+    for name, theirs in references.items():
+        for c in LEVELS:
+            a, b = ours.get(str(c), {}), theirs.get(str(c), {})
+            if a.get("output_tokens_per_s") and b.get("output_tokens_per_s"):
+                ratio.setdefault(name, {})[str(c)] = round(
+                    a["output_tokens_per_s"] / b["output_tokens_per_s"], 2
+                )
     print(json.dumps({
         "model": {**MODEL, "dtype": "float32", "weights": "random, same file for both"},
         "load": {"endpoint": "/v1/completions stream", "prompt_words": [8, 160], "max_tokens": [16, 96],
                  "requests_per_level": {str(c): len(v) for c, v in per_level.items()}, "greedy": True},
         "threads": args.threads, "torch": torch.__version__,
-        "lmstack": ours, "transformers_serve_cb": theirs,
-        "output_tokens_per_s_ratio_lmstack_over_transformers": ratio,
+        "lmstack": ours, **references,
+        "output_tokens_per_s_ratio_lmstack_over": ratio,
     }, indent=2))  # fmt: skip
 
 
