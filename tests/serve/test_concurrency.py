@@ -69,6 +69,15 @@ def wait_for(predicate, timeout_s: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+def idle(m: dict) -> bool:
+    return (
+        m["lmstack:num_requests_running"]
+        == m["lmstack:num_requests_waiting"]
+        == m["lmstack:kv_cache_usage_perc"]
+        == 0
+    )
+
+
 def open_stream(server, body: dict) -> socket.socket:
     """Send a streaming request and read until its first token chunk arrives; returns the socket."""
     sock = socket.create_connection(("127.0.0.1", server.port))
@@ -82,36 +91,36 @@ def open_stream(server, body: dict) -> socket.socket:
 
 
 def test_a_disconnected_stream_is_cancelled_and_frees_its_blocks(start_server):
-    server = start_server(max_batch=4, kv_blocks=64)
-    long = dict(model="tiny", prompt="To be", max_tokens=240, ignore_eos=True, temperature=0)
+    # four choices decoded one at a time: 960 tokens, far longer than the test takes to hang up
+    server = start_server(max_batch=1, kv_blocks=64)
+    long = dict(model="tiny", prompt="To be", max_tokens=240, n=4, ignore_eos=True, temperature=0)
     sock = open_stream(server, long)
     wait_for(lambda: server.metrics()["lmstack:kv_cache_usage_perc"] > 0)
     sock.close()
-    wait_for(lambda: server.metrics().get("lmstack:request_success_total{finished_reason=abort}", 0) == 1)
+    wait_for(lambda: server.state.in_flight == 0)
+    wait_for(lambda: idle(server.metrics()))
     m = server.metrics()
     assert m["lmstack:kv_cache_usage_perc"] == 0 and m["lmstack:num_requests_running"] == 0
     assert server.state.engine.cache.allocator.used == 0
-    assert m["lmstack:generation_tokens_total"] < 240  # it really was cut short
-    assert server.state.in_flight == 0
+    assert m["lmstack:request_success_total{finished_reason=abort}"] >= 1
+    assert m["lmstack:generation_tokens_total"] < 4 * 240  # it really was cut short
 
 
 def test_full_queue_answers_429_then_recovers(start_server):
-    server = start_server(max_batch=1, max_queue=1, kv_blocks=64)
-    long = dict(model="tiny", prompt="To be", max_tokens=200, ignore_eos=True, temperature=0)
+    # one running + three waiting fill the server; four choices of 240 tokens keep it full for a while
+    server = start_server(max_batch=1, max_queue=3, kv_blocks=64)
+    long = dict(model="tiny", prompt="To be", max_tokens=240, n=4, ignore_eos=True, temperature=0)
     results = []
-    threads = [
-        threading.Thread(target=lambda: results.append(stream_completion(server, long))) for _ in range(2)
-    ]
-    for t in threads:
-        t.start()
-    wait_for(lambda: server.state.in_flight == 2)
-    status, headers, body = server.request("POST", "/v1/completions", {**long, "max_tokens": 2})
+    thread = threading.Thread(target=lambda: results.append(stream_completion(server, long)))
+    thread.start()
+    wait_for(lambda: server.state.in_flight == 4)
+    small = {**long, "max_tokens": 2, "n": 1}
+    status, headers, body = server.request("POST", "/v1/completions", small)
     assert status == 429 and headers["retry-after"] == "1"
     assert json.loads(body)["error"]["type"] == "rate_limit_error"
-    for t in threads:
-        t.join(timeout=60)
-    assert [reason for _, reason in results] == ["length", "length"]
-    status, _, body = server.request("POST", "/v1/completions", {**long, "max_tokens": 2})
+    thread.join(timeout=60)
+    assert results and results[0][1] == "length"
+    status, _, body = server.request("POST", "/v1/completions", small)
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2
 
 
@@ -128,14 +137,17 @@ def test_api_key_is_required_when_set(start_server, key_header):
 
 
 def test_a_client_leaving_a_whole_response_request_cancels_it(start_server):
-    server = start_server(max_batch=2, kv_blocks=64)
-    payload = json.dumps(
-        dict(model="tiny", prompt="To be", max_tokens=240, ignore_eos=True, temperature=0)
-    ).encode()
+    server = start_server(max_batch=1, kv_blocks=64)  # four choices one at a time: 960 tokens
+    body = dict(model="tiny", prompt="To be", max_tokens=240, n=4, ignore_eos=True, temperature=0)
+    payload = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))  # fmt: skip
     wait_for(lambda: server.metrics()["lmstack:kv_cache_usage_perc"] > 0)
     sock.close()
-    wait_for(lambda: server.metrics().get("lmstack:request_success_total{finished_reason=abort}", 0) == 1)
-    assert server.state.engine.cache.allocator.used == 0 and server.state.in_flight == 0
+    wait_for(lambda: server.state.in_flight == 0)
+    wait_for(lambda: idle(server.metrics()))
+    m = server.metrics()
+    assert server.state.engine.cache.allocator.used == 0 and m["lmstack:kv_cache_usage_perc"] == 0
+    assert m["lmstack:request_success_total{finished_reason=abort}"] >= 1
+    assert m["lmstack:generation_tokens_total"] < 4 * 240

@@ -80,7 +80,6 @@ class OpenAIServer:
                              block_size=config.block_size)  # fmt: skip
         self.worker = EngineWorker(self.engine, self.metrics)
         self.json_vocabulary: JsonVocabulary | None = None  # built on the first JSON-mode request
-        self._json_lock = threading.Lock()
         self.in_flight = 0  # choices admitted and not yet answered (event-loop thread only)
         self.draining = False
         self.created = oa.now()
@@ -150,11 +149,8 @@ class OpenAIServer:
         return wanted
 
     def _json_processor(self, budget: int) -> JsonObjectProcessor:
-        with self._json_lock:
-            if self.json_vocabulary is None:
-                self.json_vocabulary = JsonVocabulary.from_tokenizer(
-                    self.tokenizer, self.model.config.vocab_size
-                )
+        if self.json_vocabulary is None:
+            self.json_vocabulary = JsonVocabulary.from_tokenizer(self.tokenizer, self.model.config.vocab_size)
         return JsonObjectProcessor(self.json_vocabulary, self.stop_ids, budget)
 
     # ---- completions -----------------------------------------------------------------------------
