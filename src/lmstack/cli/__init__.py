@@ -25,6 +25,7 @@ COMMAND_MODULES = {
     "chat": "lmstack.cli.infer",
     "export": "lmstack.cli.export",
     "import": "lmstack.cli.export",
+    "serve": "lmstack.cli.serve",
 }
 
 
