@@ -30,13 +30,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lmstack.infer.engine import Engine
-from lmstack.infer.generate import render_chat
 from lmstack.serve import openai as oa
 from lmstack.serve.choice import ChoiceText
 from lmstack.serve.json_mode import JsonObjectProcessor, JsonVocabulary
 from lmstack.serve.metrics import ServerMetrics
 from lmstack.serve.openai import RequestError
 from lmstack.serve.worker import EngineWorker, Job
+from lmstack.tokenizer.chat import transcript_stops
 
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.25
@@ -58,8 +58,8 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], list[str]]:
     """Messages -> prompt ids and extra stop strings; the one seam to the chat renderer.
 
     A tokenizer without a chat template gets a plain transcript, which stops at the next "\\nUser:"."""
-    text, templated = render_chat(tokenizer, messages)
-    return tokenizer.encode(text, allowed_special="all"), ([] if templated else ["\nUser:"])
+    ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+    return ids, transcript_stops(tokenizer)
 
 
 def completion_prompt(tokenizer, prompt: str) -> list[int]:

@@ -8,14 +8,14 @@ never shows text it would have to retract.
 from __future__ import annotations
 
 from lmstack.infer.engine import TokenEvent
-from lmstack.infer.generate import _StopStringWatcher
+from lmstack.infer.generate import StopStringWatcher
 
 
 class ChoiceText:
     def __init__(self, tokenizer, stops: list[str], stop_ids: frozenset[int]):
         self.stop_ids = stop_ids
         self._pieces: list[str] = []
-        self._watcher = _StopStringWatcher(
+        self._watcher = StopStringWatcher(
             tokenizer, stops, 0, lambda _row, piece: self._pieces.append(piece)
         )
         self.tokens: list[int] = []
