@@ -505,9 +505,11 @@ def save_pretrained(
     *,
     tokenizer: Any | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    generation: dict[str, Any] | None = None,
 ) -> Path:
     """Write a folder `transformers` loads: config.json (+ our `lmstack` block), model.safetensors
-    (sharded with model.safetensors.index.json past `max_shard_bytes`), generation_config.json and,
+    (sharded with model.safetensors.index.json past `max_shard_bytes`), generation_config.json (token
+    ids, plus the sampling fields in `generation`, e.g. `{"do_sample": True, "temperature": 0.7}`) and,
     when given, the tokenizer's files. Atomic: written to `<path>.tmp/` and renamed into place."""
     if max_shard_bytes <= 0:
         raise InputError(f"max_shard_bytes must be positive, got {max_shard_bytes} — use e.g. 5 * 2**30")
@@ -531,7 +533,9 @@ def save_pretrained(
         hf_config["dtype"] = hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
         _write_json(tmp / "config.json", hf_config)
         _write_weights(tmp, tensors, max_shard_bytes)
-        _write_json(tmp / "generation_config.json", _generation_config(config, tokenizer))
+        _write_json(
+            tmp / "generation_config.json", {**_generation_config(config, tokenizer), **(generation or {})}
+        )
         if tokenizer is not None:
             tokenizer.save(tmp)
         replace_dir(tmp, final)
