@@ -23,6 +23,7 @@ COMMAND_MODULES = {
     "eval": "lmstack.cli.train",
     "generate": "lmstack.cli.infer",
     "chat": "lmstack.cli.infer",
+    "quantize": "lmstack.cli.quantize",
 }
 
 
