@@ -18,7 +18,14 @@ from lmstack.compress.linear import QUANT_TENSORS, TARGETS
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
 from lmstack.model import build_model
-from lmstack.quant import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
+from lmstack.quant import (
+    int4_dequantize,
+    int4_quantize,
+    int8_dequantize,
+    int8_quantize,
+    nf4_dequantize,
+    nf4_quantize,
+)
 from lmstack.quant.integer import int4_unpack
 
 SCHEMES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
@@ -72,6 +79,13 @@ def test_dequantize_is_the_pure_quantizers():
     # and the quantization error stays within each scheme's bound: half a step
     assert ((q8.dequantize() - w).abs() <= q8.scales[:, None] / 2 + 1e-7).all()
     assert ((q4.dequantize() - w).abs() <= q4.scales.repeat_interleave(32, 1) / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (40, 24)])  # 40*24 is not a multiple of the 64-block
+def test_nf4_dequantize_is_the_pure_quantizer(shape):
+    lin = _linear(shape[1], shape[0], bias=False)
+    q = QuantLinear.from_linear(lin, QuantScheme.make("nf4"))
+    assert torch.equal(q.dequantize(), nf4_dequantize(nf4_quantize(lin.weight.detach(), block=64)))
 
 
 def test_nf4_and_gradient_calls_take_the_reference_path():
