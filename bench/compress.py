@@ -54,7 +54,7 @@ METHODS = {
     "int4-g128": ("int4", 128),
     "nf4": ("nf4", 64),
 }
-SMALL = dict(family="llama", d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=768, max_seq_len=256)
+SMALL = dict(family="llama", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256)
 
 
 def log(msg: str) -> None:
@@ -147,7 +147,7 @@ def shakespeare_target(quick: bool):
     ids = torch.tensor(tok.encode_ordinary(TEXT.read_text()), dtype=torch.long)
     if cached:
         return from_pretrained(cached[-1].parent, dtype=torch.float32), ids, cached[-1].parent.name
-    steps, lr = 600, 2e-3
+    steps, lr = 300, 3e-3
     recipe = json.dumps([SMALL, steps, lr], sort_keys=True)
     folder = CACHE / f"compress-shakespeare-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
     if not (folder / "config.json").exists():
@@ -204,7 +204,7 @@ def main() -> None:
     n_new, repeats = (12, 2) if args.quick else (48, 3)
     start = time.perf_counter()
     decode = []
-    for name in args.shapes.split(","):
+    for name in [s for s in args.shapes.split(",") if s]:
         for t in threads:
             log(f"decode {name}, {t} thread(s)")
             decode.append(bench_decode(name, SHAPES[name], t, n_new, repeats))

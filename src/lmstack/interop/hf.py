@@ -20,6 +20,10 @@ A tensor a config has but no row names (configs the family's class cannot expres
 `lmstack.<our name>`. A family may list several layouts; loading takes the first whose names the checkpoint holds (Mixtral:
 the per-expert `block_sparse_moe.experts.{e}.w1/w2/w3` that real checkpoints and transformers 5's
 `save_pretrained` write, or the fused in-memory names), saving writes the first.
+
+A quantized model (`lmstack.compress`) saves each `QuantLinear`'s tensors (`qweight`, `scales`, ...)
+under its HF module's name and its scheme as config.json's `quantization_config`; loading rebuilds
+those modules on the meta-built model first, so the same mapping assigns their tensors.
 """
 
 from __future__ import annotations
