@@ -45,7 +45,7 @@ SHAPES = {
         max_seq_len=2048, tie_embeddings=True,
     ),
 }  # fmt: skip
-# method -> (quantize method, group size) or a float dtype
+# method -> (quantize method, group size[, include head]) or a float dtype
 METHODS = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
@@ -53,6 +53,9 @@ METHODS = {
     "int4-g32": ("int4", 32),
     "int4-g128": ("int4", 128),
     "nf4": ("nf4", 64),
+    # the LM head quantized too (untied models only): the float head is a large share of each step
+    "int8+head": ("int8", None, True),
+    "int4-g32+head": ("int4", 32, True),
 }
 SMALL = dict(family="llama", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256)
 
@@ -66,7 +69,7 @@ def variant(model: torch.nn.Module, method: str) -> torch.nn.Module:
     spec = METHODS[method]
     if isinstance(spec, torch.dtype):
         return copy.deepcopy(model).to(spec)
-    return quantize(copy.deepcopy(model), spec[0], group_size=spec[1])
+    return quantize(copy.deepcopy(model), spec[0], group_size=spec[1], include_head=len(spec) > 2)
 
 
 def size_bytes(model: torch.nn.Module) -> int:
