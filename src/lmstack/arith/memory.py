@@ -145,22 +145,44 @@ def korthikanti_layer_bytes(batch: int, context: int, d_model: int, n_heads: int
     return 34 * s * b * h + 5 * a * s * s * b
 
 
-# ---- LoRA / QLoRA -------------------------------------------------------------------------------
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# ---- LoRA / DoRA / QLoRA ---------------------------------------------------------------------------
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "router")
+ALL_LINEAR = "all-linear"
+ADAPTERS = ("none", "lora", "dora", "qlora")
+EIGHT_BIT_BLOCK = 2048  # Dettmers et al. 2022: one fp32 absmax per 2048 quantised values
+ADAPTER_BYTES_PER_PARAM = 4 + 4  # adapters train in fp32 (PEFT casts them up): weight + gradient
 
 
-def lora_params(config: ModelConfig, rank: int, targets: tuple[str, ...] = ("q", "v")) -> int:
-    """Trainable LoRA parameters: each targeted d_in × d_out matrix gets A (d_in × r) and B (r × d_out).
+def resolve_lora_targets(config: ModelConfig, targets: tuple[str, ...] | str) -> tuple[str, ...]:
+    """The layer names `targets` picks: `"all-linear"` is every linear layer but the LM head (PEFT's
+    rule), so it includes an MoE router; `"q,v"` is read as ("q", "v")."""
+    c = config
+    present = [t for t in LORA_TARGETS if (t != "gate" or c.gated_mlp) and (t != "router" or c.is_moe)]
+    if targets == ALL_LINEAR:
+        return tuple(present)
+    if isinstance(targets, str):
+        targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    bad = [t for t in targets if t not in present]
+    if bad or not targets:
+        raise InputError(
+            f"bad LoRA targets {list(bad) or list(targets)} — this model's linear layers are "
+            f"{', '.join(present)}, or use {ALL_LINEAR!r}"
+        )
+    return tuple(dict.fromkeys(targets))
+
+
+def lora_params(
+    config: ModelConfig, rank: int, targets: tuple[str, ...] | str = ("q", "v"), *, dora: bool = False
+) -> int:
+    """Trainable LoRA parameters: each targeted d_in × d_out matrix gets A (d_in × r) and B (r × d_out),
+    and with DoRA a magnitude per output row (d_out).
 
     Default targets are q and v (Hu et al. 2021); alpha = 2r only scales the update and adds nothing.
     MLP targets apply to every expert of an MoE layer.
     """
     c = config
-    bad = [t for t in targets if t not in LORA_TARGETS or (t == "gate" and not c.gated_mlp)]
-    if bad or rank < 1:
-        raise InputError(
-            f"bad LoRA targets {bad} or rank {rank} — targets from {', '.join(LORA_TARGETS)}, rank >= 1"
-        )
+    if rank < 1:
+        raise InputError(f"LoRA rank {rank} — use a rank >= 1")
     shapes = {
         "q": (c.d_model, c.q_dim),
         "k": (c.d_model, c.kv_dim),
@@ -169,21 +191,105 @@ def lora_params(config: ModelConfig, rank: int, targets: tuple[str, ...] = ("q",
         "gate": (c.d_model, c.d_ff),
         "up": (c.d_model, c.d_ff),
         "down": (c.d_ff, c.d_model),
+        "router": (c.d_model, c.n_experts),
     }
     per_layer = 0
-    for t in dict.fromkeys(targets):
+    for t in resolve_lora_targets(c, targets):
         n_in, n_out = shapes[t]
         copies = max(c.n_experts, 1) if t in ("gate", "up", "down") else 1
-        per_layer += copies * rank * (n_in + n_out)
+        per_layer += copies * (rank * (n_in + n_out) + (n_out if dora else 0))
     return c.n_layers * per_layer
 
 
+def optimizer_state_bytes_per_param(optimizer: str, block_size: int = EIGHT_BIT_BLOCK) -> float:
+    """Optimizer state per trained parameter: AdamW's fp32 m and v are 8 B; AdamW 8-bit stores each
+    moment in 1 byte plus one fp32 absmax per block of `block_size` (2 + 8/2048 B); SGD 4 or 0 B."""
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise InputError(f"unknown optimizer {optimizer!r} — use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
+    if optimizer == "adamw8bit":
+        return 2 + 2 * 4 / block_size
+    return float(OPTIMIZER_STATE_BYTES[optimizer])
+
+
+def finetune_memory(
+    config: ModelConfig,
+    *,
+    adapter: str = "lora",
+    rank: int = 16,
+    targets: tuple[str, ...] | str = ("q", "v"),
+    optimizer: str = "adamw",
+    batch: int = 1,
+    context: int = 2048,
+    checkpointing: str = "none",
+) -> dict[str, object]:
+    """Memory to fine-tune `config`: full (`none`), LoRA, DoRA, or QLoRA (LoRA on an NF4 base).
+
+    Full fine-tuning trains every parameter in mixed precision (`training_bytes_per_param`). With an
+    adapter the base is frozen in bf16 (NF4 for QLoRA, Dettmers et al. 2023) and only the adapters
+    train, in fp32: weight 4 + gradient 4 + optimizer state per parameter. Activations are the full
+    model's (`activation_bytes`, an upper bound: a frozen linear layer need not keep its input) plus
+    what the adapters keep: the fp32 r-dim A·x of each adapted matrix (B's gradient needs it) and, for
+    DoRA, the fp32 base output W·x the magnitude's gradient needs.
+    """
+    if adapter not in ADAPTERS:
+        raise InputError(f"unknown adapter {adapter!r} — use one of {', '.join(ADAPTERS)}")
+    c = config
+    p = count_params(c)
+    state = optimizer_state_bytes_per_param(optimizer)
+    activations = activation_bytes(c, batch, context, checkpointing)
+    if adapter == "none":
+        weights_grads = p.total * (2 + 2 + 4)  # bf16 weight and gradient, fp32 master
+        optimizer_bytes = p.total * state
+        result: dict[str, object] = {
+            "adapter": adapter,
+            "trainable_params": p.total,
+            "base_weights_bytes": 0,
+            "trained_weights_and_gradients_bytes": weights_grads,
+        }
+    else:
+        picked = resolve_lora_targets(c, targets)
+        dora = adapter == "dora"
+        trainable = lora_params(c, rank, picked, dora=dora)
+        out_dims = {"q": c.q_dim, "k": c.kv_dim, "v": c.kv_dim, "o": c.d_model, "gate": c.d_ff, "up": c.d_ff}
+        out_dims |= {"down": c.d_model, "router": c.n_experts}
+        matrices = sum(
+            (c.n_experts_per_token if c.is_moe and t in ("gate", "up", "down") else 1) for t in picked
+        )  # per token, only the k routed experts run
+        tokens = batch * context
+        layers_kept = 1 if checkpointing == "full" else c.n_layers
+        extra = layers_kept * tokens * 4 * rank * matrices
+        if dora:
+            extra += layers_kept * tokens * 4 * sum(out_dims[t] for t in picked)
+        activations += extra
+        weights_grads = trainable * ADAPTER_BYTES_PER_PARAM
+        optimizer_bytes = trainable * state
+        result = {
+            "adapter": adapter,
+            "rank": rank,
+            "alpha": 2 * rank,
+            "targets": list(picked),
+            "trainable_params": trainable,
+            "base_weights_bytes": weights_bytes(p, "nf4" if adapter == "qlora" else "bf16"),
+            "trained_weights_and_gradients_bytes": weights_grads,
+        }
+    result |= {
+        "trainable_fraction": result["trainable_params"] / p.total,
+        "optimizer": optimizer,
+        "optimizer_state_bytes": optimizer_bytes,
+        "activations_bytes": activations,
+        "checkpointing": checkpointing,
+        "total_bytes": result["base_weights_bytes"] + weights_grads + optimizer_bytes + activations,
+    }
+    return result
+
+
 def lora_memory(
-    config: ModelConfig, rank: int, targets: tuple[str, ...] = ("q", "v"), base_dtype: str = "bf16"
+    config: ModelConfig, rank: int, targets: tuple[str, ...] | str = ("q", "v"), base_dtype: str = "bf16"
 ) -> dict[str, float]:
     """Frozen base weights in `base_dtype` (`nf4` = QLoRA) + adapters trained at 16 B/param
     (weight, gradient, fp32 master and AdamW moments, as for full training). Activations excluded."""
     p = count_params(config)
+    targets = resolve_lora_targets(config, targets)
     trainable = lora_params(config, rank, targets)
     base = weights_bytes(p, base_dtype)
     adapters = trainable * training_bytes_per_param("adamw")

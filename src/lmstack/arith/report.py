@@ -19,6 +19,7 @@ from lmstack.arith.memory import (
     OPTIMIZER_STATE_BYTES,
     SHARDING,
     activation_bytes,
+    finetune_memory,
     lora_memory,
     sharded_training_bytes,
     training_bytes_per_param,
@@ -52,7 +53,8 @@ def analyze(
     gpus: int = 1,
     mfu: float = 0.5,
     lora_rank: int = 16,
-    lora_targets: tuple[str, ...] = ("q", "v"),
+    lora_targets: tuple[str, ...] | str = ("q", "v"),
+    adapter: str = "lora",
     causal: bool = False,
     optimizer: str = "adamw",
     price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR,
@@ -115,6 +117,7 @@ def analyze(
             "mfu": mfu,
             "causal": causal,
             "optimizer": optimizer,
+            "adapter": adapter,
             "price_per_gpu_hour": price_per_gpu_hour,
             "reserve_fraction": reserve_fraction,
         },
@@ -145,6 +148,15 @@ def analyze(
             "lora": lora_memory(config, lora_rank, lora_targets, "bf16"),
             "qlora": lora_memory(config, lora_rank, lora_targets, "nf4"),
             "inference_bytes": weights + kv.bytes_per_batch,
+            "finetune": finetune_memory(
+                config,
+                adapter=adapter,
+                rank=lora_rank,
+                targets=lora_targets,
+                optimizer=optimizer,
+                batch=batch,
+                context=context,
+            ),
         },
         "decode": decode,
         "prefill": {
@@ -257,7 +269,10 @@ def format_report(result: dict[str, Any]) -> str:
     by = m["weights_bytes_by_dtype"]
     sharded = m["per_gpu_training_bytes"]
     act = m["activations_bytes"]
-    lora, qlora = m["lora"], m["qlora"]
+    lora, qlora, ft = m["lora"], m["qlora"], m["finetune"]
+    ft_label = (
+        "full" if ft["adapter"] == "none" else f"{ft['adapter']} r={ft['rank']} on {','.join(ft['targets'])}"
+    )
     section("Memory", [
         *((f"weights {k}", size(v)) for k, v in by.items() if k != "fp8"),
         (f"training state ({i['optimizer']}, {m['training_bytes_per_param']} B/param)", size(m["training_bytes"])),
@@ -268,6 +283,10 @@ def format_report(result: dict[str, Any]) -> str:
         (f"LoRA r={lora['rank']} α={lora['alpha']} on {','.join(lora['targets'])}",
          f"{lora['trainable_params']:,} trainable ({lora['trainable_fraction']:.3%}); "
          f"{lora['total_bytes'] / GB:,.2f} GB bf16 base, {qlora['total_bytes'] / GB:,.2f} GB NF4 base (QLoRA)"),
+        (f"fine-tune ({ft_label}, {ft['optimizer']}, batch {i['batch']} × {i['context']})",
+         f"{ft['trainable_params']:,} trainable; {size(ft['total_bytes'])} = base {ft['base_weights_bytes'] / GB:,.2f} "
+         f"+ trained+grads {ft['trained_weights_and_gradients_bytes'] / GB:,.2f} + optimizer "
+         f"{ft['optimizer_state_bytes'] / GB:,.2f} + activations {ft['activations_bytes'] / GB:,.2f} GB"),
     ])  # fmt: skip
     cross = d["crossover_batch"]
     by_dtype = d["tokens_per_s_by_weight_dtype"]

@@ -15,7 +15,7 @@ from lmstack.interop.folders import resolve_model_config
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmstack.arith.hardware import HARDWARE
-    from lmstack.arith.memory import BITS
+    from lmstack.arith.memory import ADAPTERS, BITS
 
     p = subparsers.add_parser(
         "calc",
@@ -38,8 +38,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mfu", type=float, default=0.5, help="model FLOPs utilisation for prefill/training (default 0.5)"
     )
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank, alpha 2r (default 16)")
     p.add_argument(
-        "--lora-rank", type=int, default=16, help="LoRA rank, targets q and v, alpha 2r (default 16)"
+        "--lora-targets",
+        default="q,v",
+        help="layers that get adapters: comma-separated names (q,k,v,o,gate,up,down,router) or all-linear "
+        "(default q,v)",
+    )
+    p.add_argument(
+        "--adapter",
+        default="lora",
+        choices=ADAPTERS,
+        help="fine-tuning memory for: none (full), lora, dora, qlora (LoRA on an NF4 base); default lora",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=("adamw", "adamw8bit"),
+        help="optimizer whose state is counted: adamw (fp32 moments) or adamw8bit (default adamw)",
     )
     p.add_argument(
         "--causal", action="store_true", help="count causal attention pairs instead of the full s²"
@@ -66,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         mfu=args.mfu,
         lora_rank=args.lora_rank,
+        lora_targets=args.lora_targets,
+        adapter=args.adapter,
+        optimizer=args.optimizer,
         causal=args.causal,
         price_per_gpu_hour=args.price,
         reserve_fraction=args.reserve,
