@@ -59,6 +59,7 @@ def save_checkpoint(
     method_tensors: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
     on_stage: Callable[[str, Path], None] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint `step` of `run_dir` atomically and point `latest` at it; returns its folder.
 
@@ -75,6 +76,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)  # left by a crash while writing
     final.parent.mkdir(parents=True, exist_ok=True)
     save_pretrained(model, tmp, tokenizer=tokenizer)
+    if extra_files is not None:  # e.g. an adapter folder: hashed and renamed with the rest
+        extra_files(tmp)
     (tmp / TRAINER_DIR).mkdir()
     save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": STATE_FORMAT})
     method = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in (method_tensors or {}).items()}
