@@ -45,6 +45,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(name="write_jsonl")
+def _write_jsonl():
+    return write_jsonl
+
+
 @pytest.fixture
 def sft_file(tmp_path: Path) -> Path:
     rows = []

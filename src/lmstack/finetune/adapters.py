@@ -16,6 +16,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lmstack.errors import InputError
@@ -46,10 +47,14 @@ class AdapterSetup:
     lora: LoraConfig | None = None
     base_path: str | None = None  # written into the PEFT folder's base_model_name_or_path
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, seed: int = 0) -> nn.Module:
+        """Freeze `model` and inject the adapters, their A matrices drawn from `seed` (a run and its
+        resume start from the same adapters)."""
         if self.lora is None:
             return model
-        apply_lora(model, self.lora)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            apply_lora(model, self.lora)
         names = hf_module_names(model)
         unmapped = sorted(p for p in lora_layers(model) if p not in names)
         if unmapped:

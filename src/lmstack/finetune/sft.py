@@ -202,7 +202,7 @@ class SFT(Method):
 
     # ---- the model ---------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        self._model = self.adapters.prepare(model)
+        self._model = self.adapters.prepare(model, ctx.seed)
         return self._model
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, MetricValue]]:
