@@ -23,6 +23,8 @@ COMMAND_MODULES = {
     "eval": "lmstack.cli.train",
     "generate": "lmstack.cli.infer",
     "chat": "lmstack.cli.infer",
+    "finetune": "lmstack.cli.finetune",
+    "merge": "lmstack.cli.finetune",
 }
 
 

@@ -107,3 +107,18 @@ def lora_config_for(
     return LoraConfig(
         r=rank, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora, use_dora=adapter == "dora"
     )
+
+
+def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
+    """Fold a PEFT LoRA/DoRA folder into its base model and save the result as an ordinary checkpoint
+    folder (plain linear layers, the base's tokenizer) in `dtype` (fp32, bf16 or fp16)."""
+    from lmstack.interop.folders import load_model_and_tokenizer
+    from lmstack.interop.hf import save_pretrained
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise InputError(f"unknown dtype {dtype!r} — use one of {', '.join(dtypes)}")
+    base, tokenizer = load_model_and_tokenizer(model, dtype=torch.float32)  # merge in fp32, then cast
+    load_adapter(base, adapter, name_map=hf_module_names(base))
+    merged = unload_lora(base).to(dtypes[dtype])
+    return save_pretrained(merged, Path(out).expanduser(), tokenizer=tokenizer)

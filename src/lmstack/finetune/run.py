@@ -23,7 +23,7 @@ from lmstack.errors import InputError
 from lmstack.finetune.adapters import ADAPTERS, AdapterSetup, lora_config_for
 from lmstack.finetune.data import TRUNCATE
 
-METHODS = ("sft",)
+METHODS = ("sft", "dpo")
 FINETUNE_CONFIG_FILE = "finetune_config.json"
 CHAT_BASE_DIR = "base"  # inside the run folder: the base with ChatML added, when it had no template
 

@@ -163,9 +163,9 @@ class SFT(Method):
             return self.info  # read once: `finetune` counts the steps of an epoch before training
         self.seq_len = seq_len
         tokenizer = Tokenizer.load(self.tokenizer_path)
-        examples, stats = sft_examples(tokenizer, read_records(self.data_path), seq_len, self.truncate)
+        examples, stats = self.examples(tokenizer, self.data_path, seq_len)
         if self.val_path is not None:
-            self.val, val_stats = sft_examples(tokenizer, read_records(self.val_path), seq_len, self.truncate)
+            self.val, val_stats = self.examples(tokenizer, self.val_path, seq_len)
             if not self.val:
                 raise InputError(f"{self.val_path} gives no usable example ({val_stats.summary()})")
             self.train = examples
@@ -177,10 +177,33 @@ class SFT(Method):
         version = file_digest(self.data_path, self.val_path)[:16]
         self.info = FinetuneData(
             version=version, tokenizer_path=self.tokenizer_path, vocab_size=tokenizer.vocab_size,
-            train_tokens=sum(len(e.ids) for e in self.train), val_tokens=sum(len(e.ids) for e in self.val),
+            train_tokens=sum(map(self.tokens, self.train)), val_tokens=sum(map(self.tokens, self.val)),
             stats=stats,
         )  # fmt: skip
         return self.info
+
+    def examples(self, tokenizer: Any, path: Path, seq_len: int) -> tuple[list[Any], ExampleStats]:
+        """The file's records as training items (here: `Example`s), and what happened to them."""
+        return sft_examples(tokenizer, read_records(path), seq_len, self.truncate)
+
+    @staticmethod
+    def tokens(item: Any) -> int:
+        return len(item.ids)
+
+    def collate(self, items: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
+        """A micro-batch of training items (or packed rows)."""
+        return packed_batch(items, self.seq_len, pad_id) if self.packing else pad_batch(items, pad_id)
+
+    def validation_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        """(mean loss, weight, other means) of one validation batch; validation reports the weighted
+        means over all batches."""
+        loss, n = sft_loss(model, batch)
+        return loss, int(n), {}
+
+    def val_batch(self, items: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
+        return pad_batch(items, pad_id)
 
     def train_items(self) -> list[Any]:
         """What one epoch draws: the training examples, or the packed rows they fill."""
@@ -188,16 +211,10 @@ class SFT(Method):
 
     def batches(self, ctx: MethodContext) -> Iterator[dict[str, torch.Tensor]]:
         pad = ctx.tokenizer.eos_id or 0
-        if self.packing:
-            self.stream = ExampleStream(
-                self.train_items(), ctx.micro_batch_size, ctx.seed, lambda chosen: packed_batch(chosen, ctx.seq_len, pad),
-                rank=ctx.dist.rank, world_size=ctx.dist.world_size,
-            )  # fmt: skip
-        else:
-            self.stream = ExampleStream(
-                self.train, ctx.micro_batch_size, ctx.seed, lambda chosen: pad_batch(chosen, pad),
-                rank=ctx.dist.rank, world_size=ctx.dist.world_size,
-            )  # fmt: skip
+        self.stream = ExampleStream(
+            self.train_items(), ctx.micro_batch_size, ctx.seed, lambda chosen: self.collate(chosen, pad),
+            rank=ctx.dist.rank, world_size=ctx.dist.world_size,
+        )  # fmt: skip
         return self.stream
 
     # ---- the model ---------------------------------------------------------------------------------
@@ -213,18 +230,21 @@ class SFT(Method):
     def evaluate(self, model: nn.Module, ctx: MethodContext, max_batches: int | None) -> dict[str, float]:
         was_training = model.training
         model.eval()
-        total, count = torch.zeros((), dtype=torch.float64), 0
+        total, count, sums = torch.zeros((), dtype=torch.float64), 0, {}
         size = ctx.micro_batch_size
         chunks = [self.val[i : i + size] for i in range(0, len(self.val), size)]
         for chunk in chunks[:max_batches] if max_batches else chunks:
-            batch = {k: v.to(ctx.device) for k, v in pad_batch(chunk, ctx.tokenizer.eos_id or 0).items()}
+            batch = {k: v.to(ctx.device) for k, v in self.val_batch(chunk, ctx.tokenizer.eos_id or 0).items()}
             with ctx.autocast():
-                loss, n = sft_loss(model, batch)
-            total += loss.double().cpu() * int(n)
-            count += int(n)
+                loss, n, metrics = self.validation_loss(model, batch)
+            total += loss.double().cpu() * n
+            count += n
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
         model.train(was_training)
         val = float(total / max(count, 1))
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 700.0)), "val_tokens_scored": count}
+        means = {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 700.0)), "val_scored": count, **means}
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def checkpoint_model(self, model: nn.Module) -> nn.Module:
