@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128, "max_seq_len": 128}
+TINY = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128, "max_seq_len": 256}
 
 
 @pytest.fixture(scope="session")
