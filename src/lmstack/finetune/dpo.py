@@ -110,6 +110,7 @@ class DPO(SFT):
     """DPO on `{"prompt", "chosen", "rejected"}` JSONL; see the module docstring."""
 
     name = "dpo"
+    loss_is_nll = False
 
     def __init__(
         self, data: str | Path, *, beta: float = 0.1, reference: str | Path | None = None, **kw: Any

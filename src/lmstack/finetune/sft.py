@@ -129,6 +129,7 @@ class SFT(Method):
     """Supervised fine-tuning on chat JSONL; see the module docstring."""
 
     name = "sft"
+    loss_is_nll = True  # the validation loss is a mean token NLL, so its perplexity is reported
 
     def __init__(
         self,
@@ -244,7 +245,9 @@ class SFT(Method):
         model.train(was_training)
         val = float(total / max(count, 1))
         means = {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 700.0)), "val_scored": count, **means}
+        if self.loss_is_nll:
+            means["val_ppl"] = math.exp(min(val, 700.0))
+        return {"val_loss": val, "val_scored": count, **means}
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def checkpoint_model(self, model: nn.Module) -> nn.Module:
