@@ -77,30 +77,19 @@ def test_finetune_cli_on_the_shipped_set_then_merge(base_dir, tmp_path, capsys):
     assert "fine-tuned 2 steps" in printed and "of 400 examples kept" in printed
     assert main(["finetune", "--resume", "--out", str(out), "--quiet"]) == 0  # nothing left: same budget
     ckpt = out / "checkpoints" / "step_2"
-    for dtype, tol in (("fp32", 1e-5), ("bf16", 0.1)):
-        merged = tmp_path / f"merged_{dtype}"
-        assert (
-            main(
-                [
-                    "merge",
-                    "--model",
-                    str(out / "base"),
-                    "--adapter",
-                    str(ckpt / "adapter"),
-                    "--out",
-                    str(merged),
-                    "--dtype",
-                    dtype,
-                ]
-            )
-            == 0
-        )
-        a, tok = load_model_and_tokenizer(merged, dtype=torch.float32)
-        b, _ = load_model_and_tokenizer(ckpt)
-        ids = torch.tensor([tok.encode("Loan request from Ana Silva")])
-        with torch.no_grad():
-            torch.testing.assert_close(a(ids), b(ids), rtol=tol, atol=tol)
-        assert not any("lora" in k for k in a.state_dict())
+    merged = {}
+    for dtype in ("fp32", "bf16"):
+        folder = tmp_path / f"merged_{dtype}"
+        args = ["merge", "--model", str(out / "base"), "--adapter", str(ckpt / "adapter"), "--out", str(folder), "--dtype", dtype]  # fmt: skip
+        assert main(args) == 0
+        merged[dtype] = load_model_and_tokenizer(folder)
+    (a, tok), (b, _) = merged["fp32"], load_model_and_tokenizer(ckpt)
+    assert not any("lora" in k for k in a.state_dict())
+    ids = torch.tensor([tok.encode("Loan request from Ana Silva")])
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids), b(ids), rtol=1e-5, atol=1e-5)
+    half = merged["bf16"][0].state_dict()  # merged in fp32, then rounded once
+    assert all(torch.equal(half[k], v.to(torch.bfloat16)) for k, v in a.state_dict().items())
 
 
 def test_cli_errors_are_one_line(base_dir, tmp_path, capsys, write_jsonl):
