@@ -19,7 +19,10 @@ import torch
 def answers(model, tok, rows, max_new_tokens: int) -> list[str]:
     from lmstack.infer import generate
 
-    prompts = [tok.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0] for r in rows]
+    prompts = [
+        tok.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0]
+        for r in rows
+    ]
     out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
     # the two new ChatML tokens start from the same (mean) rows, which LoRA leaves frozen: cut at either
     texts = [tok.decode(ids) for ids in out]
@@ -53,17 +56,22 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--base", default=None, help="a pretrained run to start from (skips pretraining)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.out or tempfile.mkdtemp())
     started = time.perf_counter()
-    base = train(TrainConfig(preset=args.preset, out=str(work / "base"), time_budget=args.pretrain_minutes,
-                             threads=args.threads, progress=False, sample_tokens=0))  # fmt: skip
+    if args.base is None:
+        base = train(TrainConfig(preset=args.preset, out=str(work / "base"), time_budget=args.pretrain_minutes,
+                                 threads=args.threads, progress=False, sample_tokens=0))  # fmt: skip
+        base_dir, base_loss = base.run_dir, base.val_loss
+    else:
+        base_dir, base_loss = Path(args.base), None
     pretrain_s = time.perf_counter() - started
     rows = [json.loads(line) for line in shipped_dataset("heldout").read_text().splitlines()][: args.heldout]
     start = time.perf_counter()
     result = finetune(FinetuneConfig(
-        model=str(base.run_dir), out=str(work / "sft"), adapter=args.adapter, lora_targets=args.targets,
+        model=str(base_dir), out=str(work / "sft"), adapter=args.adapter, lora_targets=args.targets,
         lora_rank=args.rank, lora_alpha=2.0 * args.rank, max_steps=args.steps, batch_size=8, lr=args.lr,
         threads=args.threads, progress=False, eval_interval=100, checkpoint_interval=1000,
     ))  # fmt: skip
@@ -73,7 +81,7 @@ def main() -> None:
     before = measure(before_model.eval(), tok, rows, 96)
     after = measure(after_model.eval(), tok, rows, 96)
     print(json.dumps({
-        "preset": args.preset, "pretrain_min": round(pretrain_s / 60, 2), "pretrain_val_loss": base.val_loss,
+        "preset": args.preset, "pretrain_min": round(pretrain_s / 60, 2), "pretrain_val_loss": base_loss,
         "adapter": args.adapter, "targets": args.targets, "rank": args.rank, "steps": args.steps,
         "finetune_min": round(finetune_s / 60, 2), "sft_val_loss_start": result.train.initial_val_loss,
         "sft_val_loss_end": result.train.val_loss, "heldout": len(rows), "before": before, "after": after,

@@ -75,6 +75,8 @@ def test_truncation_is_counted(chat_base, sft_file):
     kept, stats = sft_examples(tok, records, limit, "drop")
     assert stats.dropped_too_long == longer and len(kept) == len(records) - longer
     assert all(len(e.ids) <= limit for e in kept)
+    assert f"{longer} dropped as too long" in stats.summary() and "dropped lines" in stats.summary()
+    assert sorted(stats.lines_dropped) == [k + 1 for k, n in enumerate(lengths) if n > limit]  # 1-based lines
     left, stats = sft_examples(tok, records, limit, "left")
     assert stats.truncated == longer and stats.kept + stats.dropped_no_target == len(records)
     right, stats = sft_examples(tok, records, limit, "right")

@@ -72,9 +72,9 @@ def _messages(value: Any, role: str, where: str, name: str) -> tuple[dict[str, s
     return tuple(out)
 
 
-def parse_record(obj: Any, where: str, kind: str) -> Record:
-    """One record of `kind` "sft" or "dpo"; `where` ("FILE:LINE") names it in errors."""
-    line = int(where.rsplit(":", 1)[-1]) if ":" in where else 0
+def parse_record(obj: Any, kind: str, path: str | Path = "<record>", line: int = 0) -> Record:
+    """One record of `kind` "sft" or "dpo"; errors name it as PATH:LINE."""
+    where = f"{path}:{line}"
     if not isinstance(obj, dict):
         raise InputError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     if kind == "dpo":
@@ -127,7 +127,7 @@ def read_records(path: str | Path, kind: str = "sft") -> list[Record]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: not valid JSON ({exc.msg}) — one JSON object per line") from None
-        records.append(parse_record(obj, where, kind))
+        records.append(parse_record(obj, kind, path, number))
     if not records:
         raise InputError(f"{path} holds no records — give one JSON object per line")
     return records
@@ -162,6 +162,11 @@ class ExampleStats:
             parts.append(f"{self.truncated} truncated")
         if self.dropped_no_target:
             parts.append(f"{self.dropped_no_target} dropped with no assistant token left")
+        if self.lines_dropped:
+            shown = ", ".join(map(str, self.lines_dropped[:10])) + (
+                ", ..." if len(self.lines_dropped) > 10 else ""
+            )
+            parts.append(f"dropped lines {shown}")
         return ", ".join(parts)
 
 
