@@ -27,6 +27,8 @@ COMMAND_MODULES = {
     "import": "lmstack.cli.export",
     "serve": "lmstack.cli.serve",
     "quantize": "lmstack.cli.quantize",
+    "finetune": "lmstack.cli.finetune",
+    "merge": "lmstack.cli.finetune",
 }
 
 

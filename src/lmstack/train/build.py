@@ -105,11 +105,14 @@ class RunData:
     accum: int  # micro-batches per optimizer step
 
 
-def build_data(config: TrainConfig, run_dir: Path, info: DistInfo) -> RunData:
-    """The dataset (prepared by the pipeline unless given prepared), its tokenizer and batch split."""
+def build_data(config: TrainConfig, run_dir: Path, info: DistInfo, method: Any = None) -> RunData:
+    """The dataset (the method's own, else prepared by the pipeline unless given prepared), its
+    tokenizer and batch split."""
     from lmstack.tokenizer import Tokenizer
 
-    dataset = prepare_data(config, run_dir, info)
+    dataset = method.dataset(config, run_dir, info) if method is not None else None
+    if dataset is None:
+        dataset = prepare_data(config, run_dir, info)
     tokenizer = Tokenizer.load(dataset.tokenizer_path)
     if tokenizer.vocab_size != dataset.vocab_size:
         raise InputError(
@@ -144,9 +147,17 @@ def method_context(config: TrainConfig, run_dir: Path, data: RunData, info: Dist
     )  # fmt: skip
 
 
-def make_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the parameters that require gradients (a method may have frozen the rest)."""
+def make_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (or 8-bit AdamW) over the parameters that require gradients (a method may have frozen
+    the rest)."""
     c = config
+    if c.optimizer == "adamw8bit":
+        from lmstack.train.optim8bit import build_optimizer_8bit
+
+        return build_optimizer_8bit(
+            model, lr=c.lr, weight_decay=c.weight_decay, betas=(c.beta1, c.beta2), eps=c.eps,
+            decay_embeddings=c.decay_embeddings,
+        )  # fmt: skip
     return build_optimizer(
         model, lr=c.lr, weight_decay=c.weight_decay, betas=(c.beta1, c.beta2), eps=c.eps,
         decay_embeddings=c.decay_embeddings, fused=device.type == "cuda" or None,

@@ -59,6 +59,7 @@ def save_checkpoint(
     method_tensors: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
     on_stage: Callable[[str, Path], None] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint `step` of `run_dir` atomically and point `latest` at it; returns its folder.
 
@@ -77,6 +78,8 @@ def save_checkpoint(
     final.parent.mkdir(parents=True, exist_ok=True)
     # a trained model is meant to be sampled: greedy decoding of a small model loops on one phrase
     save_pretrained(model, tmp, tokenizer=tokenizer, generation={"do_sample": True, **CHAT_SAMPLING_DEFAULTS})
+    if extra_files is not None:  # e.g. an adapter folder: hashed and renamed with the rest
+        extra_files(tmp)
     (tmp / TRAINER_DIR).mkdir()
     save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": STATE_FORMAT})
     method = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in (method_tensors or {}).items()}

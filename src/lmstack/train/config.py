@@ -33,6 +33,7 @@ from typing import Any
 from lmstack.errors import InputError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw8bit")
 DEFAULT_TIME_BUDGET_MIN = 10.0
 
 
@@ -72,6 +73,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     decay_embeddings: bool = False  # norms and biases never decay; embeddings only when this is set
+    optimizer: str = "adamw"  # or "adamw8bit": moments stored block-wise in 8 bits (train/optim8bit.py)
     grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
     # regularisation
     dropout: float | None = None  # None = the preset's dropout
@@ -187,6 +189,8 @@ class TrainConfig:
             _bad("dropout", f"must lie in [0, 1), got {self.dropout!r}", "e.g. 0.0 or 0.1")
         if self.precision not in PRECISIONS:
             _bad("precision", f"unknown precision {self.precision!r}", f"use one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            _bad("optimizer", f"unknown optimizer {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
         if self.attn_impl not in ("eager", "sdpa", "flash"):
             _bad(
                 "attn_impl",

@@ -104,9 +104,9 @@ def train(
         set_threads(config, info)
         check_inputs(config, info)
         run_dir, latest = open_run(config, info)
-        data = build_data(config, run_dir, info)
-        model = build_model(config, data, info)
         method = method or Pretraining()
+        data = build_data(config, run_dir, info, method)
+        model = build_model(config, data, info)
         ctx = method_context(config, run_dir, data, info)
         # seeded before the method draws anything (an adapter's init), so a fresh run repeats exactly;
         # dropout masks then differ across data-parallel replicas, and a resume restores the state
@@ -213,7 +213,7 @@ class _Loop:
                 f"checkpoint {path} was written by the {saved_method['name']!r} method, this run trains with "
                 f"{self.method.name!r} — resume with the same method, or start a new run with another --out"
             )
-        ckpt.load_model_weights(self.model, path)
+        self.method.load_weights(self.model, path)
         load_optimizer_tensors(self.optimizer, tensors, state["optimizer"])
         self.method.load_state_dict(ckpt.read_method_tensors(path), saved_method["state"])
         self.step = int(state["step"])
@@ -256,6 +256,9 @@ class _Loop:
         return stats, False
 
     def evaluate(self, max_batches: int | None) -> dict[str, float]:
+        own = self.method.evaluate(self.trained, self.ctx, max_batches)
+        if own is not None:
+            return own
         nll, count = shard_loss(
             self.trained, self.dataset.val_path, seq_len=self.seq_len, batch_size=self.micro, max_batches=max_batches,
             device=self.device, autocast=self.autocast, dist=self.info,
@@ -293,7 +296,8 @@ class _Loop:
                 "initial_val_loss": self.initial_val_loss,
             }
             path = ckpt.save_checkpoint(
-                self.run_dir, step, self.model, tokenizer=self.tokenizer, optimizer_tensors=tensors,
+                self.run_dir, step, self.method.checkpoint_model(self.model), tokenizer=self.tokenizer,
+                extra_files=self.method.save_files, optimizer_tensors=tensors,
                 trainer_state=state, method_tensors=method_tensors, keep=self.config.keep_checkpoints,
                 on_stage=self.hooks.on_checkpoint,
             )  # fmt: skip

@@ -11,6 +11,13 @@ checkpoints, exact resume, metrics.jsonl and the plots. A method says only what 
                                         extra heads, counters), as tensors + JSON — never pickle
     step(model, optimizer, batches, ctx)  optional: the whole update, for methods that need rollouts
                                         or several inner epochs (PPO)
+    dataset(config, run_dir, info)      optional: the method's own data (e.g. chat JSONL) instead of the
+                                        pretraining pipeline's token shards
+    evaluate(model, ctx, max_batches)   optional: the method's own validation metrics
+    checkpoint_model(model) / save_files(folder) / load_weights(model, folder)
+                                        optional: what a checkpoint's weights are (e.g. adapters merged
+                                        into a copy), extra files in it (a PEFT adapter folder), and how a
+                                        resume restores the trained weights from it
 
 Only parameters with `requires_grad` reach the optimizer, so freezing in `prepare` is all a method
 does to train a subset (LoRA). Checkpoints still save the whole model. A frozen reference model is
@@ -96,6 +103,33 @@ class Method:
         does the forward/backward part) and return its `StepStats`. The learning rate is already set for this step. The default
         returns None: the loop accumulates `loss` over `ctx.accum` micro-batches, clips and steps."""
         return None
+
+    def dataset(self, config: TrainConfig, run_dir: Path, dist: DistInfo) -> Any | None:
+        """The method's own data, or None (the default) for the pretraining pipeline's prepared token
+        shards. What it returns stands in for `DatasetInfo`: `version`, `tokenizer_path`, `vocab_size`,
+        `train_tokens`, `val_tokens`; a method that returns one also overrides `evaluate`."""
+        return None
+
+    def evaluate(
+        self, model: nn.Module, ctx: MethodContext, max_batches: int | None
+    ) -> dict[str, float] | None:
+        """Validation metrics (`val_loss` at least) on at most `max_batches` batches (None: all), or None
+        (the default) for the loop's next-token loss on the validation token shard."""
+        return None
+
+    def checkpoint_model(self, model: nn.Module) -> nn.Module:
+        """The model whose weights a checkpoint stores (default: the trained model itself)."""
+        return model
+
+    def save_files(self, folder: Path) -> None:
+        """Write extra files into a checkpoint folder while it is being written (before it is hashed
+        and renamed into place, so they are as atomic as the weights)."""
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        """Restore the trained weights from checkpoint `folder` on resume (default: its model weights)."""
+        from lmstack.train.checkpoint import load_model_weights
+
+        load_model_weights(model, folder)
 
     def log(self) -> dict[str, float]:
         """Extra values for this step's metrics line that are not averaged (e.g. the data epoch)."""

@@ -1,0 +1,124 @@
+"""LoRA/DoRA inside the training loop: what a fine-tuning method does with adapters at each seam.
+
+- `prepare`: freeze the model and inject adapters (`finetune.lora.apply_lora`);
+- checkpoints: the checkpoint's weights are the adapters merged into a copy of the model (so the
+  checkpoint folder is an ordinary model every command loads), and beside them `adapter/`, a PEFT
+  LoRA folder whose tensor names are the Hugging Face module paths of interop's weight maps
+  (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) and whose
+  `base_model_name_or_path` is the base the run started from;
+- resume: the frozen base comes from the run's starting model (its hash is checked by the method) and
+  the adapters from `adapter/`, so training goes on exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmstack.errors import InputError
+from lmstack.finetune.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter, unload_lora
+
+ADAPTER_DIR = "adapter"
+ADAPTERS = ("none", "lora", "dora")
+
+
+def hf_module_names(model: nn.Module) -> dict[str, str]:
+    """Our linear module paths -> the Hugging Face model's, from interop's weight map of the model's
+    family (only layers stored one-to-one under a `.weight` name; fused HF tensors have no such path)."""
+    from lmstack.interop.hf import WEIGHT_MAPS, expand
+
+    config = model.config
+    shapes = {n: p.shape for n, p in model.state_dict().items()}
+    out = {}
+    for m in expand(WEIGHT_MAPS[config.family].layouts[0], config, shapes):
+        if m.transform == "same" and len(m.ours) == 1 and m.ours[0].endswith(".weight"):
+            out[m.ours[0][: -len(".weight")]] = m.theirs[0][: -len(".weight")]
+    return out
+
+
+@dataclass(frozen=True)
+class AdapterSetup:
+    """Adapters for a fine-tuning method: None trains every weight."""
+
+    lora: LoraConfig | None = None
+    base_path: str | None = None  # written into the PEFT folder's base_model_name_or_path
+
+    def prepare(self, model: nn.Module, seed: int = 0) -> nn.Module:
+        """Freeze `model` and inject the adapters, their A matrices drawn from `seed` (a run and its
+        resume start from the same adapters)."""
+        if self.lora is None:
+            return model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            apply_lora(model, self.lora)
+        names = hf_module_names(model)
+        unmapped = sorted(p for p in lora_layers(model) if p not in names)
+        if unmapped:
+            raise InputError(
+                f"layer(s) {', '.join(unmapped[:3])} have no one-to-one Hugging Face name in the "
+                f"{model.config.family} weight map, so a PEFT adapter could not name them — choose other "
+                "--lora-targets"
+            )
+        return model
+
+    def checkpoint_model(self, model: nn.Module) -> nn.Module:
+        """A copy with the adapters merged in and plain linear layers (the trained model as a checkpoint)."""
+        if self.lora is None:
+            return model
+        return unload_lora(copy.deepcopy(model))
+
+    def save_files(self, model: nn.Module, folder: Path) -> None:
+        if self.lora is not None:
+            save_adapter(
+                model,
+                folder / ADAPTER_DIR,
+                base_model_name_or_path=self.base_path,
+                name_map=hf_module_names(model),
+            )
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        """Resume: the adapters from `folder/adapter` (the frozen base is the run's starting model)."""
+        if self.lora is None:
+            from lmstack.train.checkpoint import load_model_weights
+
+            load_model_weights(model, folder)
+            return
+        load_adapter(model, folder / ADAPTER_DIR, name_map=hf_module_names(model))
+
+
+def lora_config_for(
+    adapter: str,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    targets: str = "q,v",
+    rslora: bool = False,
+) -> LoraConfig | None:
+    """The `LoraConfig` an `--adapter none|lora|dora` choice means (None: full fine-tuning)."""
+    if adapter not in ADAPTERS:
+        raise InputError(f"unknown adapter {adapter!r} — use one of {', '.join(ADAPTERS)}")
+    if adapter == "none":
+        return None
+    return LoraConfig(
+        r=rank, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora, use_dora=adapter == "dora"
+    )
+
+
+def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
+    """Fold a PEFT LoRA/DoRA folder into its base model and save the result as an ordinary checkpoint
+    folder (plain linear layers, the base's tokenizer) in `dtype` (fp32, bf16 or fp16)."""
+    from lmstack.interop.folders import load_model_and_tokenizer
+    from lmstack.interop.hf import save_pretrained
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise InputError(f"unknown dtype {dtype!r} — use one of {', '.join(dtypes)}")
+    base, tokenizer = load_model_and_tokenizer(model, dtype=torch.float32)  # merge in fp32, then cast
+    load_adapter(base, adapter, name_map=hf_module_names(base))
+    merged = unload_lora(base).to(dtypes[dtype])
+    return save_pretrained(merged, Path(out).expanduser(), tokenizer=tokenizer)

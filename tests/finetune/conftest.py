@@ -1,0 +1,75 @@
+"""Fine-tuning fixtures: a tiny base model (a 400-id BPE on the embedded corpus, random weights large
+enough that logits are O(1-10)) saved as a checkpoint folder without a chat template, and small
+JSONL files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128, "max_seq_len": 256}
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lmstack.config import ModelConfig
+    from lmstack.data.corpus import default_corpus
+    from lmstack.interop.hf import save_pretrained
+    from lmstack.model import build_model
+    from lmstack.tokenizer import Tokenizer
+
+    docs = []
+    for text in default_corpus():
+        docs.append(text)
+        if sum(map(len, docs)) > 60_000:
+            break
+    docs += [f"applicant {n} asks for {n * 37} over {n % 5 + 1} years" for n in range(200)]
+    tok = Tokenizer.train(docs, 400, special_tokens=["<|endoftext|>"], eos_token="<|endoftext|>")
+    config = dataclasses.replace(
+        ModelConfig.preset("tiny"), **TINY, head_dim=16, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+        tie_embeddings=False,
+    )  # fmt: skip
+    model = build_model(config, seed=0)
+    model.reset_parameters(std=0.2)
+    folder = tmp_path_factory.mktemp("base") / "model"
+    save_pretrained(model, folder, tokenizer=tok)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(name="write_jsonl")
+def _write_jsonl():
+    return write_jsonl
+
+
+@pytest.fixture
+def sft_file(tmp_path: Path) -> Path:
+    rows = []
+    for n in range(24):
+        if n % 3 == 0:
+            rows.append({"messages": [
+                {"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": f"Is {n} even?"},
+                {"role": "assistant", "content": "yes" if n % 2 == 0 else "no"},
+                {"role": "user", "content": "Sure?"},
+                {"role": "assistant", "content": "Certain."},
+            ]})  # fmt: skip
+        else:
+            rows.append({"prompt": f"Add {n} and {n + 1}.", "response": f"The sum is {2 * n + 1}."})
+    return write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
