@@ -2,7 +2,7 @@
 
 A preset name, a `config.json`, a checkpoint folder (config.json + safetensors), or a run folder — the
 folder training writes, whose `latest` file names its newest complete checkpoint under
-`checkpoints/step_<N>/` (DESIGN.md, "Run folder"). Resolution lives here, below train and infer,
+`checkpoints/step_<N>/` (`lmstack.train` writes it). Resolution lives here, below train and infer,
 so every command reads run folders the same way.
 """
 

@@ -1,8 +1,8 @@
 """The byte-level BPE tokenizer: train, encode, decode.
 
 Byte-level BPE starts from the 256 possible bytes, so every string has an encoding (no unknown token),
-and grows the vocabulary by merging the most frequent adjacent pair, again and again (seeds: "merge most
-frequent byte pairs iteratively"). In a tokenizer we train:
+and grows the vocabulary by merging the most frequent adjacent pair, again and again (Sennrich et al.
+2016, BPE for subword units; Radford et al. 2019, byte-level). In a tokenizer we train:
 
     ids 0..255            the raw bytes
     id 256 + i            merge i (its bytes are the concatenation of the pair's bytes)
