@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmstack.cli import main
-from lmstack.infer import generate, generate_text, render_chat
+from lmstack.infer import generate, generate_text
+from lmstack.tokenizer.chat import render_text, transcript_stops
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 20
 
@@ -39,12 +40,12 @@ def test_generate_text_decodes_and_cuts_at_stop_strings(tok_and_model):
 def test_chat_template_and_plain_transcript(tok_and_model):
     tok, model = tok_and_model
     messages = [{"role": "user", "content": "hello"}]
-    text, templated = render_chat(tok, messages)
-    assert not templated and text == "User: hello\nAssistant:"
+    text = render_text(tok, messages, add_generation_prompt=True)
+    assert text == "User: hello\nAssistant:" and transcript_stops(tok) == ["\nUser:"]
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     try:
-        text, templated = render_chat(tok, messages)
-        assert templated and text == "<|user|>hello<|assistant|>"
+        text = render_text(tok, messages, add_generation_prompt=True)
+        assert text == "<|user|>hello<|assistant|>" and transcript_stops(tok) == []
         reply = generate_text(model, tok, messages, max_new_tokens=5, details=True)[0]
         prompt_ids = tok.encode(text, allowed_special="all")
         assert reply.tokens == generate(model, [prompt_ids], max_new_tokens=5, stop_ids=[tok.eos_id])[0]

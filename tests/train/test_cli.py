@@ -139,6 +139,7 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path, capsys, monkeypatch):
         (["--init-from", "no_such_run"], "init_from 'no_such_run' is not a folder"),
         (["--init-from", "."], "neither a checkpoint folder"),
         (["--extend", "--max-steps", "5"], "extend: only applies to a resumed run"),
+        (["--precision", "fp16", "--device", "cpu"], "fp16 training needs a CUDA GPU"),
         (["--config", "c.yaml"], "seq_len 128 is longer than the model's context"),
         (["--config", "bad_model.yaml"], "d_model"),
     ],

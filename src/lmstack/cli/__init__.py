@@ -23,6 +23,9 @@ COMMAND_MODULES = {
     "eval": "lmstack.cli.train",
     "generate": "lmstack.cli.infer",
     "chat": "lmstack.cli.infer",
+    "export": "lmstack.cli.export",
+    "import": "lmstack.cli.export",
+    "serve": "lmstack.cli.serve",
 }
 
 

@@ -13,7 +13,7 @@ from lmstack.infer.cache import (
 )
 from lmstack.infer.contrastive import Contrastive
 from lmstack.infer.engine import Engine
-from lmstack.infer.generate import generate, generate_text, render_chat
+from lmstack.infer.generate import generate, generate_text
 from lmstack.infer.layout import optimize_for_decode
 from lmstack.infer.request import Generation, TokenEvent
 from lmstack.infer.sampling import SamplingParams
@@ -38,5 +38,4 @@ __all__ = [
     "generate_text",
     "make_cache",
     "optimize_for_decode",
-    "render_chat",
 ]

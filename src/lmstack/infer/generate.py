@@ -33,7 +33,7 @@ from lmstack.infer.request import (
 )
 from lmstack.infer.sampling import SamplingParams
 from lmstack.model.masks import positions_from_padding
-from lmstack.tokenizer.chat import render_text
+from lmstack.tokenizer.chat import transcript_stops
 
 OnToken = Callable[[int, int], "bool | None"]  # (row, token) -> True to stop that row now
 
@@ -159,13 +159,6 @@ def decode_batch(
 Messages = list[dict]
 
 
-def render_chat(tokenizer, messages: Messages, *, add_generation_prompt: bool = True) -> tuple[str, bool]:
-    """A conversation as prompt text (`lmstack.tokenizer.chat.render_text`), and whether the tokenizer's
-    chat template made it (True) or the plain "User: ... / Assistant:" transcript did (False)."""
-    text = render_text(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-    return text, bool(tokenizer.chat_template)
-
-
 def generate_text(
     model: torch.nn.Module,
     tokenizer,
@@ -182,7 +175,7 @@ def generate_text(
     """`generate` on text: encode, decode, stop strings and chat templates.
 
     A prompt is a string, or a conversation (a list of {"role", "content"} dicts) rendered with the
-    tokenizer's chat template (`render_chat`; without one, a plain transcript that stops at the next
+    tokenizer's chat template (`Tokenizer.render_chat`; without one, a plain transcript that stops at the next
     "\nUser:"). Generation also stops at any of the `stop` strings, which are cut from the text, and at
     the model's and the tokenizer's EOS ids (unless `stop_ids` is given). `on_text(row, piece)` streams
     text as it becomes final (text that could be the start of a stop string is held back). `params`,
@@ -208,15 +201,14 @@ def generate_text(
             bos = getattr(tokenizer, "bos_id", None)
             tokens = ([bos] if bos is not None else []) + tokens
         else:
-            text, templated = render_chat(tokenizer, list(prompt))
-            tokens = tokenizer.encode(text, allowed_special="all")
-            extra = [] if templated else ["\nUser:"]
+            tokens, _ = tokenizer.render_chat(list(prompt), add_generation_prompt=True)
+            extra = transcript_stops(tokenizer)
         ids.append(tokens)
         row_stops.extend([stops + extra] * params.n)
     if params.stop_ids is None:
         eos = getattr(tokenizer, "eos_id", None)
         params = replace(params, stop_ids=set(model.config.eos_ids) | ({eos} if eos is not None else set()))
-    decoders = [_StopStringWatcher(tokenizer, s, i, on_text) for i, s in enumerate(row_stops)]
+    decoders = [StopStringWatcher(tokenizer, s, i, on_text) for i, s in enumerate(row_stops)]
 
     def on_token(row: int, token: int) -> bool:
         return decoders[row].push(token, token in params.stop_ids)
@@ -232,7 +224,7 @@ def generate_text(
     return texts[0] if single and params.n == 1 else texts
 
 
-class _StopStringWatcher:
+class StopStringWatcher:
     """Incremental detokenisation of one row with stop-string detection and safe streaming."""
 
     def __init__(self, tokenizer, stops: list[str], row: int, on_text):

@@ -8,6 +8,11 @@ each distinct weight shape of the model, on the model's own matrices so the timi
 memory as decoding does, and re-stores each group in the faster order as a transposed view of
 (in, out) storage. Parameters keep their shape, values and names; only their strides change, so the
 model still trains and saves as before. It is opt-in because it rewrites the model's storage.
+
+It then stores each attention's q, k, v weights as row blocks of one tensor (`fuse_qkv`), so a decode
+step does one matrix product instead of three (0.5-2% of a GPT-2-124M fp32 batch-1 decode step on
+one CPU thread, measured against the separate products). The projections stay separate modules: replacing one afterwards (a LoRA or quantized
+wrapper) simply turns the fused product off for that layer.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmstack.model.attention import Attention, FusedQKV
 
 _TIMING_BYTES = 128 * 2**20  # stream at least this much per timing so caches cannot hold it
 
@@ -55,8 +62,32 @@ def _reordered(w: torch.Tensor, in_out: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
+def fuse_qkv(model: nn.Module) -> int:
+    """Re-store every attention's q, k, v parameters as views of one (q + 2·kv, d) tensor, in the memory
+    order they already have; returns how many layers were fused. Values, shapes and names are kept."""
+    fused = 0
+    for attn in (m for m in model.modules() if isinstance(m, Attention)):
+        linears = (attn.q, attn.k, attn.v)
+        if not all(type(m) is nn.Linear for m in linears):
+            continue  # a wrapped projection computes its own output
+        weight = _reordered(torch.cat([m.weight for m in linears]), _is_in_out(attn.q.weight))
+        bias = torch.cat([m.bias for m in linears]) if attn.q.bias is not None else None
+        rows = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight.data = weight[rows : rows + n]
+            if bias is not None:
+                m.bias.data = bias[rows : rows + n]
+            rows += n
+        attn.fused_qkv = FusedQKV(linears, weight, bias)
+        fused += 1
+    return fused
+
+
+@torch.no_grad()
 def optimize_for_decode(model: nn.Module, *, repeats: int = 3, margin: float = 0.05) -> dict[str, str]:
-    """Store each weight group in the faster order for batch-1 decoding; returns {shape: "out_in" | "in_out"}.
+    """Store each weight group in the faster order for batch-1 decoding, then fuse q, k, v (`fuse_qkv`);
+    returns {shape: "out_in" | "in_out"}.
 
     A group switches only when the transposed order is faster by more than `margin` (5%).
     CPU only: on GPUs the matrix kernels read either order at full speed.
@@ -78,4 +109,5 @@ def optimize_for_decode(model: nn.Module, *, repeats: int = 3, margin: float = 0
                 p.data = _reordered(p.data, not in_out)
             in_out = not in_out
         choice[f"{shape[0]}x{shape[1]}"] = "in_out" if in_out else "out_in"
+    fuse_qkv(model)
     return choice

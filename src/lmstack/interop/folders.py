@@ -115,3 +115,40 @@ def load_model_and_tokenizer(
         )
     model.tokenizer_hash = tokenizer.content_hash
     return model, tokenizer
+
+
+# What a chat request samples with when neither the request nor the model folder says otherwise.
+CHAT_SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def generation_defaults(folder: str | Path) -> dict:
+    """SamplingParams field values a model folder's generation_config.json recommends.
+
+    Like vLLM, only the sampling fields the file sets count (`transformers`' own defaults, e.g. top_k=50,
+    do not): `do_sample: false` means greedy (temperature 0), `do_sample: true` without a temperature
+    means 1.0, `top_k: 0` disables top-k. A file without any sampling field (ours hold only token ids)
+    gives the chat defaults, temperature 0.7 and top-p 0.9.
+    """
+    import json
+
+    path = Path(folder) / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc} — fix or delete the file") from None
+    if not isinstance(raw, dict) or not any(raw.get(k) is not None for k in _SAMPLING_KEYS):
+        return dict(CHAT_SAMPLING_DEFAULTS)
+    out: dict = {}
+    for key in ("temperature", "top_p", "repetition_penalty"):
+        if raw.get(key) is not None:
+            out[key] = float(raw[key])
+    if raw.get("top_k") is not None:
+        out["top_k"] = int(raw["top_k"]) or None
+    if raw.get("top_p") is not None and out["top_p"] >= 1.0:
+        out["top_p"] = None
+    if raw.get("do_sample") is False:
+        out["temperature"] = 0.0
+    elif raw.get("do_sample") is True and "temperature" not in out:
+        out["temperature"] = 1.0
+    return out

@@ -475,8 +475,15 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for mapping in mappings:
         for name, tensor in zip(mapping.theirs, mapping.to_hf([ours[n] for n in mapping.ours])):
-            out[name] = tensor.contiguous()
+            out[name] = _own_storage(tensor.contiguous())
     return out
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    # a view into a larger tensor (q, k, v fused for decoding) is copied: safetensors refuses
+    # tensors that share memory
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole or tensor.device.type == "meta" else tensor.clone()
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:

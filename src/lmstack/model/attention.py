@@ -170,6 +170,32 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
 
 
+@dataclass(frozen=True)
+class FusedQKV:
+    """The q, k, v projections' parameters as row blocks of one tensor (`infer.layout.fuse_qkv`), so a
+    decode step multiplies once instead of three times. The modules stay separate `nn.Linear`s whose
+    parameters are views of `weight`/`bias`; the fused product is used only while those very modules
+    are in place and their parameters are still those views, so swapping a projection, `model.to(...)`
+    or loading new tensors silently returns to the three separate calls."""
+
+    modules: tuple[nn.Module, nn.Module, nn.Module]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def serves(self, q: nn.Module, k: nn.Module, v: nn.Module) -> bool:
+        if q is not self.modules[0] or k is not self.modules[1] or v is not self.modules[2]:
+            return False
+        rows = 0
+        for m in self.modules:
+            for param, whole in ((m.weight, self.weight), (m.bias, self.bias)):
+                if (param is None) != (whole is None):
+                    return False
+                if param is not None and param.data_ptr() != whole[rows].data_ptr():
+                    return False
+            rows += m.weight.shape[0]
+        return True
+
+
 class Attention(nn.Module):
     """Query, key, value and output projections (`q`, `k`, `v`, `o`), RoPE or ALiBi, attention.
 
@@ -187,13 +213,19 @@ class Attention(nn.Module):
         self.o = nn.Linear(config.q_dim, config.d_model, bias=config.out_bias)
         self.last_weights: torch.Tensor | None = None  # filled when `store_weights` is set (eager only)
         self.store_weights = False
+        self.fused_qkv: FusedQKV | None = None  # set by `infer.layout.fuse_qkv`
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, c.n_heads, c.head_dim)
-        k = self.k(x).view(B, T, c.n_kv_heads, c.head_dim)
-        v = self.v(x).view(B, T, c.n_kv_heads, c.head_dim)
+        fused = self.fused_qkv
+        if fused is not None and fused.serves(self.q, self.k, self.v):
+            q, k, v = F.linear(x, fused.weight, fused.bias).split((c.q_dim, c.kv_dim, c.kv_dim), -1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, T, c.n_heads, c.head_dim)
+        k = k.view(B, T, c.n_kv_heads, c.head_dim)
+        v = v.view(B, T, c.n_kv_heads, c.head_dim)
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         # (B, T, heads, D) -> (B, heads, T, D)

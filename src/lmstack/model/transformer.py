@@ -66,8 +66,11 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(config, i, attn_impl) for i in range(config.n_layers))
         self.norm = Norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
+        tied = config.tie_embeddings  # a tied head's own weight is never allocated: it is replaced at once
+        self.lm_head = nn.Linear(
+            config.d_model, config.vocab_size, bias=False, device="meta" if tied else None
+        )
+        if tied:
             self._tie()
         # A tied head's key is dropped from the state dict and restored on load, so checkpoints, the
         # HF weight maps and safetensors (which refuses aliased tensors) see the weight once.

@@ -59,6 +59,12 @@ def check_messages(messages: Messages) -> list[dict[str, Any]]:
     return checked
 
 
+def transcript_stops(tok: TokenizerLike) -> list[str]:
+    """Stop strings a chat reply needs beyond the EOS ids: the plain transcript has no end-of-turn
+    token, so a reply ends where the model starts the user's next line."""
+    return [] if tok.chat_template else [f"\n{TRANSCRIPT_ROLES['user']}:"]
+
+
 def render_text(tok: TokenizerLike, messages: Messages, *, add_generation_prompt: bool = False) -> str:
     """The conversation as text: the tokenizer's chat template, or the plain transcript without one."""
     messages = check_messages(messages)

@@ -136,11 +136,7 @@ def build_model(config: TrainConfig, data: RunData, info: DistInfo) -> nn.Module
 
 
 def method_context(config: TrainConfig, run_dir: Path, data: RunData, info: DistInfo) -> MethodContext:
-    precision = precision_for(config, info.device)
-    if precision == "bf16" and info.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise InputError("this GPU has no bfloat16 support — use precision fp16 or fp32")
-    if precision == "fp16" and info.device.type != "cuda":
-        raise InputError("fp16 training needs a CUDA GPU — use precision fp32 or bf16 on the CPU")
+    precision = precision_for(config, info.device)  # checked by `prepare.check_inputs`
     return MethodContext(
         config=config, run_dir=run_dir, device=info.device, dist=info, precision=precision,
         autocast=autocast_for(precision, info.device), tokenizer=data.tokenizer, dataset=data.dataset,

@@ -108,6 +108,9 @@ def train(
         model = build_model(config, data, info)
         method = method or Pretraining()
         ctx = method_context(config, run_dir, data, info)
+        # seeded before the method draws anything (an adapter's init), so a fresh run repeats exactly;
+        # dropout masks then differ across data-parallel replicas, and a resume restores the state
+        torch.manual_seed(config.seed + info.rank)
         model = method.prepare(model, ctx)
         batches = method.batches(ctx)
         optimizer = make_optimizer(config, model, info.device)
@@ -162,7 +165,6 @@ class _Loop:
         self.step, self.elapsed_before = 0, 0.0
         self.tokens_seen = 0
         self.initial_val_loss: float | None = None
-        torch.manual_seed(c.seed + info.rank)  # dropout masks differ across data-parallel replicas
         self.budget_s = None if c.effective_time_budget is None else 60.0 * c.effective_time_budget
 
     def say(self, message: str) -> None:
@@ -363,12 +365,13 @@ class _Loop:
                 kept = ckpt.latest_checkpoint(self.run_dir, verify=False)
                 bad = loss if not math.isfinite(loss) else grad_norm
                 what = f"the {'training loss' if bad is loss else 'gradient norm'} became {'NaN' if math.isnan(bad) else bad}"
+                when = "after the method's own update" if stepped else "before updating the weights"
                 raise RunError(
-                    f"{what} at step {step}; the run stopped before updating the weights and kept its last good "
+                    f"{what} at step {step}; the run stopped {when} and kept its last good "
                     f"checkpoint ({kept or 'none written yet'}) — lower the learning rate or use fp32, then continue "
                     "with --resume"
                 )
-            if stepped:
+            if stepped:  # the method updated the weights itself
                 pass
             elif self.scaler is not None:
                 self.scaler.step(self.optimizer)

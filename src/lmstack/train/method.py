@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from torch import nn
 from lmstack.errors import InputError
 from lmstack.train.config import TrainConfig
 from lmstack.train.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from lmstack.train.step import StepStats
 
 MetricValue = torch.Tensor | float
 
@@ -87,10 +90,10 @@ class Method:
 
     def step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Any], ctx: MethodContext
-    ) -> Any | None:
+    ) -> StepStats | None:
         """Override to take the whole optimizer step yourself (rollouts, several inner epochs): update
-        the weights (`optimizer.step()`, as many times as the method needs) and return a
-        `lmstack.train.step.StepStats`. The learning rate is already set for this step. The default
+        the weights (`optimizer.step()`, as many times as the method needs; `step.accumulate_gradients`
+        does the forward/backward part) and return its `StepStats`. The learning rate is already set for this step. The default
         returns None: the loop accumulates `loss` over `ctx.accum` micro-batches, clips and steps."""
         return None
 
@@ -100,7 +103,8 @@ class Method:
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """What the method must checkpoint beyond the model and optimizer: named tensors (saved as
-        safetensors) and JSON-able values."""
+        safetensors) and JSON-able values. Under DDP the main process's state is saved and every
+        process loads it on resume, so keep it the same on every process."""
         return {}, {}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:

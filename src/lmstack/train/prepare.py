@@ -54,6 +54,11 @@ def check_inputs(config: TrainConfig, info: DistInfo) -> None:
         from lmstack.data.config import DataConfig
 
         DataConfig.from_dict(config.data_config)
+    precision = precision_for(config, info.device)
+    if precision == "bf16" and info.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError("this GPU has no bfloat16 support — use precision fp16 or fp32")
+    if precision == "fp16" and info.device.type != "cuda":
+        raise InputError("fp16 training needs a CUDA GPU — use precision fp32 or bf16 on the CPU")
     planned = planned_model_config(config)
     seq_len = config.seq_len or planned.max_seq_len
     if seq_len > planned.max_seq_len:

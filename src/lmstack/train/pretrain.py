@@ -24,12 +24,14 @@ class Pretraining(Method):
     name = "pretrain"
 
     def __init__(self, loss_fn: LossFn | None = None) -> None:
-        self.loss_fn = loss_fn
+        """`loss_fn(logits (B, T, V), targets (B, T)) -> scalar` replaces the cross-entropy."""
+        self.given_loss_fn = loss_fn
+        self.loss_fn: LossFn = loss_fn or causal_lm_loss()
         self.aux_loss_coef = 0.0
         self.loader: Any = None
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        self.loss_fn = self.loss_fn or causal_lm_loss(ctx.config.label_smoothing)
+        self.loss_fn = self.given_loss_fn or causal_lm_loss(ctx.config.label_smoothing)
         self.aux_loss_coef = model.config.router_aux_loss_coef
         return model
 

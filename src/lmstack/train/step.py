@@ -55,8 +55,8 @@ def next_token_objective(
     out = model(x)
     logits = out if isinstance(out, torch.Tensor) else out.logits
     loss = loss_fn(logits, y)
-    aux = getattr(dist_mod.unwrap(model), "aux_loss", None)
-    if aux is not None and aux_loss_coef:
+    aux = getattr(dist_mod.unwrap(model), "aux_loss", None) if aux_loss_coef else None
+    if aux is not None:
         return loss + aux_loss_coef * aux, {"train_loss": loss.detach(), "aux_loss": aux.detach()}
     return loss, {}
 
@@ -100,8 +100,11 @@ def accumulate_gradients(
             value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
             sums[name] = sums[name] + value if name in sums else value
     names = sorted(sums)
-    total = torch.stack([torch.as_tensor(sums[n], dtype=torch.float64, device=device) for n in names])
-    values = dict(zip(names, (dist_mod.all_reduce_sum(total, dist) / (accum * dist.world_size)).tolist()))
+    if dist.enabled:  # one all-reduce for every logged value
+        total = torch.stack([torch.as_tensor(sums[n], dtype=torch.float64, device=device) for n in names])
+        values = dict(zip(names, (dist_mod.all_reduce_sum(total, dist) / (accum * dist.world_size)).tolist()))
+    else:
+        values = {n: float(sums[n]) / accum for n in names}
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
