@@ -144,6 +144,23 @@ def test_cli_chat_uses_a_transcript_for_a_base_model(run_folder, monkeypatch, ca
     assert "no chat template" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [[], ["--temperature", "0"]])
+def test_cli_chat_samples_with_the_folders_generation_defaults(
+    run_folder, tok_and_model, monkeypatch, capsys, flags
+):
+    """Unset sampling flags come from generation_config.json (none there: temperature 0.7, top-p 0.9),
+    as the server does; an explicit flag wins."""
+    import io
+
+    tok, model = tok_and_model
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+    assert main(["chat", "--model", str(run_folder), "--max-new-tokens", "12", "--seed", "3", *flags]) == 0
+    sampling = dict(temperature=0.0) if flags else dict(temperature=0.7, top_p=0.9)
+    messages = [{"role": "user", "content": "hello"}]
+    expected = generate_text(model, tok, messages, max_new_tokens=12, seed=3, **sampling)
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_cli_errors_are_one_line(tmp_path, run_folder, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--model", str(tmp_path), "hi"])

@@ -176,3 +176,11 @@ def test_trainer_state_is_json_and_safetensors(stopped_run):
     from transformers import AutoModelForCausalLM
 
     assert type(AutoModelForCausalLM.from_pretrained(ckpt)).__name__ == "LlamaForCausalLM"
+    # and it is meant to be sampled: transformers and `generation_defaults` read the same settings
+    from transformers import GenerationConfig
+
+    from lmstack.interop.folders import generation_defaults
+
+    gen = GenerationConfig.from_pretrained(ckpt)
+    assert gen.do_sample and (gen.temperature, gen.top_p) == (0.7, 0.9)
+    assert generation_defaults(ckpt) == {"temperature": 0.7, "top_p": 0.9}

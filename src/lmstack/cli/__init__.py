@@ -26,6 +26,7 @@ COMMAND_MODULES = {
     "export": "lmstack.cli.export",
     "import": "lmstack.cli.export",
     "serve": "lmstack.cli.serve",
+    "quantize": "lmstack.cli.quantize",
 }
 
 

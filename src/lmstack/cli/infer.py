@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import InputError
-from lmstack.interop.folders import load_model_and_tokenizer
+from lmstack.interop.folders import generation_defaults, load_model_and_tokenizer, resolve_model_dir
 
 CACHES = (
     "static",
@@ -48,12 +48,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--model", type=Path, required=True, help="checkpoint folder or run folder (its latest checkpoint)"
     )
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.8 to sample")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 = greedy; e.g. 0.8 to sample (default: generate greedy, chat the model's generation_config.json)",
+    )
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep probability mass p")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
     p.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (default 1.0)"
+        "--repetition-penalty", type=float, default=None, help="CTRL repetition penalty (default 1.0)"
     )
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
@@ -67,18 +72,27 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`generate_text` keywords from the flags: the strategy, the cache and SamplingParams fields."""
+def _generation_kwargs(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`generate_text` keywords from the flags: the strategy, the cache and SamplingParams fields.
+
+    A sampling flag left unset takes its value from `defaults` (chat: the model folder's
+    generation_config.json, as the server does), else greedy decoding."""
     strategy = _strategy(args)
     contrastive = args.penalty_alpha is not None  # --top-k then counts the search's candidates
+    sampling = {
+        "temperature": args.temperature,
+        "top_k": None if contrastive else args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    given = {k: v for k, v in sampling.items() if v is not None}
+    if strategy is None and defaults and "temperature" not in given:
+        given = {**defaults, **given}
     return dict(
         strategy=strategy,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=None if contrastive else args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
+        **given,
         seed=args.seed,
         stop=args.stop,
         cache=args.cache,
@@ -135,7 +149,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from lmstack.infer import generate_text
 
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
-    kwargs = _generation_kwargs(args)
+    kwargs = _generation_kwargs(args, generation_defaults(resolve_model_dir(args.model)))
     if not tokenizer.chat_template:
         print(TRANSCRIPT_NOTICE, file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -20,6 +20,10 @@ A tensor a config has but no row names (configs the family's class cannot expres
 `lmstack.<our name>`. A family may list several layouts; loading takes the first whose names the checkpoint holds (Mixtral:
 the per-expert `block_sparse_moe.experts.{e}.w1/w2/w3` that real checkpoints and transformers 5's
 `save_pretrained` write, or the fused in-memory names), saving writes the first.
+
+A quantized model (`lmstack.compress`) saves each `QuantLinear`'s tensors (`qweight`, `scales`, ...)
+under its HF module's name and its scheme as config.json's `quantization_config`; loading rebuilds
+those modules on the meta-built model first, so the same mapping assigns their tensors.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmstack.atomic import replace_dir
+from lmstack.compress.linear import QUANT_TENSORS, prepare_quantized, quantization_config
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
 from lmstack.interop.hf_config import (
@@ -55,10 +60,13 @@ Row = tuple[tuple[str, ...], tuple[str, ...], str]
 
 
 def _linear(ours: str, theirs: str, transform: str = "same") -> list[Row]:
-    """Weight and bias rows of one Linear (the bias row drops out when the model has none)."""
+    """Weight and bias rows of one Linear (the bias row drops out when the model has none), and the
+    rows of its quantized tensors (`qweight`, `scales`, ...; only a quantized model has them), stored
+    in our layout under the HF module's name."""
     return [
         ((f"{ours}.weight",), (f"{theirs}.weight",), transform),
         ((f"{ours}.bias",), (f"{theirs}.bias",), "same"),
+        *[((f"{ours}.{t}",), (f"{theirs}.{t}",), "same") for t in QUANT_TENSORS],
     ]
 
 
@@ -78,7 +86,7 @@ _L, _B = "model.layers.{i}", "blocks.{i}"
 _LLAMA_TOP: list[Row] = [
     (("tok_emb.weight",), ("model.embed_tokens.weight",), "same"),
     *_norm("norm", "model.norm"),
-    (("lm_head.weight",), ("lm_head.weight",), "same"),
+    *_linear("lm_head", "lm_head"),
 ]
 _LLAMA_ATTN: list[Row] = [
     *_norm(f"{_B}.attn_norm", f"{_L}.input_layernorm"),
@@ -131,7 +139,7 @@ _GPT2 = [
     *_linear(f"{_B}.mlp.up", f"{_H}.mlp.c_fc", "transpose"),
     *_linear(f"{_B}.mlp.down", f"{_H}.mlp.c_proj", "transpose"),
     *_norm("norm", "transformer.ln_f"),
-    (("lm_head.weight",), ("lm_head.weight",), "same"),
+    *_linear("lm_head", "lm_head"),
 ]
 
 
@@ -330,6 +338,8 @@ def from_pretrained(
     config = _with_generation_ids(config_from_hf(config_path), folder, raw)
     dtype = dtype or checkpoint_dtype(raw)
     model = build_model(config, device="meta", attn_impl=attn_impl)
+    if "quantization_config" in raw:  # a checkpoint `lmstack quantize` wrote
+        prepare_quantized(model, raw["quantization_config"], dtype=dtype)
     files = _weight_index(folder)
     handles: dict[Path, Any] = {}
     with contextlib.ExitStack() as stack:
@@ -344,7 +354,7 @@ def from_pretrained(
             model,
             _normalise_names(files, WEIGHT_MAPS[config.family], config),
             shape_of=lambda name: _tensor_shape(handle(name), name, files[name]),
-            read=lambda name: _read_tensor(handle(name), name, files[name]).to(device=device, dtype=dtype),
+            read=lambda name: _cast(_read_tensor(handle(name), name, files[name]), device, dtype),
             where=lambda name: files[name].name,
         )
     model.load_state_dict(state, strict=True, assign=True)
@@ -405,6 +415,11 @@ def _state_from_hf(
         for name, tensor in zip(mapping.ours, mapping.to_ours(tensors)):
             state[name] = tensor.contiguous()
     return state
+
+
+def _cast(tensor: torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Float tensors to the load dtype; integer ones (quantized weights) keep theirs."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
 
 
 def _tensor_shape(handle: Any, name: str, file: Path) -> tuple[int, ...]:
@@ -505,9 +520,11 @@ def save_pretrained(
     *,
     tokenizer: Any | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    generation: dict[str, Any] | None = None,
 ) -> Path:
     """Write a folder `transformers` loads: config.json (+ our `lmstack` block), model.safetensors
-    (sharded with model.safetensors.index.json past `max_shard_bytes`), generation_config.json and,
+    (sharded with model.safetensors.index.json past `max_shard_bytes`), generation_config.json (token
+    ids, plus the sampling fields in `generation`, e.g. `{"do_sample": True, "temperature": 0.7}`) and,
     when given, the tokenizer's files. Atomic: written to `<path>.tmp/` and renamed into place."""
     if max_shard_bytes <= 0:
         raise InputError(f"max_shard_bytes must be positive, got {max_shard_bytes} — use e.g. 5 * 2**30")
@@ -529,9 +546,14 @@ def save_pretrained(
         dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
         hf_config = config_to_hf(config)
         hf_config["dtype"] = hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        quantized = quantization_config(model)
+        if quantized is not None:
+            hf_config["quantization_config"] = quantized
         _write_json(tmp / "config.json", hf_config)
         _write_weights(tmp, tensors, max_shard_bytes)
-        _write_json(tmp / "generation_config.json", _generation_config(config, tokenizer))
+        _write_json(
+            tmp / "generation_config.json", {**_generation_config(config, tokenizer), **(generation or {})}
+        )
         if tokenizer is not None:
             tokenizer.save(tmp)
         replace_dir(tmp, final)

@@ -15,9 +15,7 @@ class ChoiceText:
     def __init__(self, tokenizer, stops: list[str], stop_ids: frozenset[int]):
         self.stop_ids = stop_ids
         self._pieces: list[str] = []
-        self._watcher = StopStringWatcher(
-            tokenizer, stops, 0, lambda _row, piece: self._pieces.append(piece)
-        )
+        self._watcher = StopStringWatcher(tokenizer, stops, 0, lambda _row, piece: self._pieces.append(piece))
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None

@@ -67,6 +67,7 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
+    from lmstack.interop.folders import CHAT_SAMPLING_DEFAULTS
     from lmstack.interop.hf import save_pretrained
 
     final = step_dir(run_dir, step)
@@ -74,7 +75,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a crash while writing
     final.parent.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model, tmp, tokenizer=tokenizer)
+    # a trained model is meant to be sampled: greedy decoding of a small model loops on one phrase
+    save_pretrained(model, tmp, tokenizer=tokenizer, generation={"do_sample": True, **CHAT_SAMPLING_DEFAULTS})
     (tmp / TRAINER_DIR).mkdir()
     save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": STATE_FORMAT})
     method = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in (method_tensors or {}).items()}

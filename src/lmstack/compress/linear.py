@@ -1,0 +1,377 @@
+"""Weight-only quantized linears: `QuantLinear`, `swap(model, scheme)` and the record in config.json.
+
+A `QuantLinear` stores its matrix in one of three forms (buffers, saved as `<linear>.qweight` etc.):
+
+  int8   qweight (out, in) int8, scales (out,): w = q · s, one scale per output channel
+  int4   qweight (out, in/2) uint8 (two codes a byte), scales and zeros (out, in/g): w = (q − z) · s
+  nf4    qweight (out·in/2,) uint8 NF4 codes, scales = the per-64 absmax, 8-bit coded (double
+         quantisation) with absmax_scale (per 256) and absmax_offset (QLoRA, Dettmers et al. 2023)
+
+and computes `x @ Wᵀ + b`. Decoding one token is a matrix-vector product whose time is the time to
+read the weights, so fewer bytes per weight is the speedup — provided the matmul reads the integers
+directly instead of first writing a float copy. On CPU, int8 and int4 run through PyTorch's packed
+weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, as gpt-fast does), with
+activations cast to bfloat16 around the call: those kernels are several times slower on float32
+inputs. Everything else (NF4, CUDA, a shape the int4 kernel refuses, a call that needs gradients
+with respect to x) dequantises the matrix and multiplies: correct everywhere, fast nowhere.
+
+The scheme is a property of the checkpoint, not of its file name: `quantization_config(model)` is
+what `save_pretrained` writes into config.json, and `prepare_quantized(model, config)` rebuilds the
+empty quantized modules on a meta-built model so the loader can assign the saved tensors to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.errors import InputError
+from lmstack.quant import (
+    Int4Tensor,
+    Int8Tensor,
+    NF4Tensor,
+    int4_dequantize,
+    int4_quantize,
+    int8_dequantize,
+    int8_quantize,
+    nf4_dequantize,
+    nf4_quantize,
+)
+from lmstack.quant.integer import INT4_GROUP_SIZES
+from lmstack.quant.nf4 import NF4_CODE, nf4_absmax
+
+QUANT_METHOD = "lmstack"  # the `quant_method` of config.json's quantization_config
+METHODS = ("int8", "int4", "nf4")
+BITS = {"int8": 8, "int4": 4, "nf4": 4}
+DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128, "nf4": 64}
+# every tensor a QuantLinear may save besides its bias (the weight maps name them after the linear)
+QUANT_TENSORS = ("qweight", "scales", "zeros", "absmax_scale", "absmax_offset")
+# the projections a quantizer targets; embeddings, norms, MoE routers and (by default) the head stay float
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+_NF4_DOUBLE_BLOCK = 256
+# byte -> its two NF4 values, high nibble first (the packing of lmstack.quant.nf4)
+_NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How to quantize: `method` (int8, int4, nf4) and, for int4 and nf4, the group (block) size."""
+
+    method: str
+    group_size: int | None = None
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.method]
+
+    @classmethod
+    def make(cls, method: str, group_size: int | None = None) -> QuantScheme:
+        """Validate a user's choice; `group_size=None` takes the method's default."""
+        if method not in METHODS:
+            raise InputError(f"unknown quantization method {method!r} — use one of {', '.join(METHODS)}")
+        if method == "int8":
+            if group_size is not None:
+                raise InputError(
+                    "int8 uses one scale per output channel, not groups — drop the group size (--group-size)"
+                )
+            return cls(method)
+        group_size = DEFAULT_GROUP_SIZE[method] if group_size is None else group_size
+        if method == "int4" and group_size not in INT4_GROUP_SIZES:
+            raise InputError(
+                f"int4 group size {group_size} is not supported — use one of {', '.join(map(str, INT4_GROUP_SIZES))}"
+            )
+        if method == "nf4" and (group_size <= 0 or group_size % 2):
+            raise InputError(f"NF4 block size must be a positive even number, got {group_size} — use 64")
+        return cls(method, group_size)
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantized; same call as `nn.Linear`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        *,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        for name, (shape, buf_dtype) in _buffer_specs(in_features, out_features, scheme, dtype).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=buf_dtype, device=device))
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+        self._packed: tuple[torch.Tensor, ...] | None = None  # the CPU kernel's layout, built on first use
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantLinear:
+        """Quantize a float `nn.Linear`'s weight; the bias is kept in float."""
+        w = linear.weight.detach()
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            scheme,
+            bias=linear.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        for name, tensor in _quantize(w, scheme).items():
+            getattr(module, name).copy_(tensor)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.scheme.group_size}" if self.scheme.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.method}{g}"
+
+    # ---- the reference: dequantise, then multiply ------------------------------------------------
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float matrix (out, in) this module stands for."""
+        dtype = dtype or (self.absmax_scale if self.scheme.method == "nf4" else self.scales).dtype
+        shape = (self.out_features, self.in_features)
+        s = self.scheme
+        if s.method == "int8":
+            return int8_dequantize(Int8Tensor(self.qweight, self.scales.float()), dtype)
+        if s.method == "int4":
+            t = Int4Tensor(self.qweight, self.scales.float(), self.zeros, s.group_size, shape)
+            return int4_dequantize(t, dtype)
+        t = NF4Tensor(
+            self.qweight,
+            self.scales,
+            shape,
+            s.group_size,
+            self.absmax_scale.float(),
+            float(self.absmax_offset),
+            _NF4_DOUBLE_BLOCK,
+        )
+        if (self.in_features * self.out_features) % s.group_size:
+            return nf4_dequantize(t, dtype)
+        # one table lookup per byte (both codes at once) and a broadcast multiply by the block's absmax:
+        # the same values as nf4_dequantize, ~5x faster, which is what an NF4 decode step spends its time on
+        pairs = _NF4_PAIRS.to(self.qweight.device).index_select(0, self.qweight.int())  # (numel/2, 2)
+        w = pairs.reshape(-1, s.group_size) * nf4_absmax(t)[:, None]
+        return w.reshape(shape).to(dtype)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    # ---- the fast path ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._uses_packed_kernel(x):
+            return self.reference_forward(x)
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        packed = self._packed_weights()
+        if self.scheme.method == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(rows, packed[0], packed[1])
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed[0], self.scheme.group_size, packed[1])
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _uses_packed_kernel(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or self.scheme.method == "nf4" or not x.is_floating_point():
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:  # the packed kernels have no backward
+            return False
+        # the int4 packing kernel tiles the output dimension by 16
+        return self.scheme.method == "int8" or self.out_features % 16 == 0
+
+    def _packed_weights(self) -> tuple[torch.Tensor, ...]:
+        if self._packed is None:
+            if self.scheme.method == "int8":
+                # the int8 kernel assumes its weight 64-byte aligned and crashes on batches of 4+ rows
+                # otherwise; tensors read from a safetensors file sit at arbitrary offsets
+                if self.qweight.data_ptr() % 64:
+                    self.qweight = self.qweight.clone()
+                self._packed = (self.qweight, self.scales.to(torch.bfloat16))
+            else:
+                self._packed = int4_to_cpu_kernel_layout(self.qweight, self.scales, self.zeros)
+        return self._packed
+
+    def _apply(self, fn, recurse: bool = True):
+        self._packed = None  # a new device or dtype: repack from the buffers on next use
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def int4_to_cpu_kernel_layout(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our asymmetric int4 (codes q in [0, 15], w = (q − z)·s) in the layout of PyTorch's CPU kernel,
+    which computes w = (q − 8)·s + m with a float offset m per group:
+    (q − z)·s = (q − 8)·s + (8 − z)·s, so m = (8 − z)·s — exact in float32, rounded once to bfloat16.
+    Returns the kernel's packed weight and scales_and_zeros (in/g, out, 2) in bfloat16."""
+    from lmstack.quant.integer import int4_unpack
+
+    codes = int4_unpack(packed).to(torch.int32)  # (out, in)
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    s = scales.float()
+    offset = (8 - zeros.float()) * s
+    scales_and_zeros = torch.stack([s.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
+    return weight, scales_and_zeros
+
+
+def _buffer_specs(
+    in_features: int, out_features: int, scheme: QuantScheme, dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of a QuantLinear's buffers: what the loader checks a checkpoint against."""
+    if scheme.method == "int8":
+        return {"qweight": ((out_features, in_features), torch.int8), "scales": ((out_features,), dtype)}
+    g = scheme.group_size
+    assert g is not None
+    if scheme.method == "int4":
+        groups = (out_features, in_features // g)
+        return {
+            "qweight": ((out_features, in_features // 2), torch.uint8),
+            "scales": (groups, dtype),
+            "zeros": (groups, torch.uint8),
+        }
+    numel = in_features * out_features
+    blocks = -(-numel // g)
+    return {
+        "qweight": ((-(-numel // 2),), torch.uint8),
+        "scales": ((blocks,), torch.uint8),
+        "absmax_scale": ((-(-blocks // _NF4_DOUBLE_BLOCK),), dtype),
+        "absmax_offset": ((1,), dtype),
+    }
+
+
+def _quantize(w: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    if scheme.method == "int8":
+        t8 = int8_quantize(w)
+        return {"qweight": t8.q, "scales": t8.scale}
+    if scheme.method == "int4":
+        t4 = int4_quantize(w, scheme.group_size)
+        return {"qweight": t4.packed, "scales": t4.scale, "zeros": t4.zero}
+    t = nf4_quantize(w, block=scheme.group_size, double_quant=True)
+    assert t.absmax_scale is not None and t.double_block == _NF4_DOUBLE_BLOCK
+    return {
+        "qweight": t.packed,
+        "scales": t.absmax,
+        "absmax_scale": t.absmax_scale,
+        "absmax_offset": torch.tensor([t.offset]),
+    }
+
+
+# ---- swapping modules ---------------------------------------------------------------------------
+def target_linears(model: nn.Module, *, include_head: bool = False) -> Iterator[tuple[str, nn.Linear]]:
+    """(name, module) of every projection a quantizer replaces, in model order."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if (leaf in TARGETS and name.startswith("blocks.")) or (include_head and name == "lm_head"):
+            yield name, module
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def swap(model: nn.Module, scheme: QuantScheme, *, include_head: bool = False) -> nn.Module:
+    """Replace the model's projections by `QuantLinear`s of `scheme`, in place; returns the model.
+
+    Every module is checked before any is replaced, so a refused call leaves the model as it was."""
+    if is_quantized(model):
+        method = next(m.scheme.method for m in model.modules() if isinstance(m, QuantLinear))
+        raise InputError(f"the model is already quantized ({method}) — quantize its float checkpoint instead")
+    if include_head and getattr(model, "lm_head", None) is not None:
+        tok_emb = getattr(model, "tok_emb", None)
+        if tok_emb is not None and model.lm_head.weight is tok_emb.weight:
+            raise InputError(
+                "lm_head shares its weight with the token embedding (tied), which stays in float — "
+                "leave the head out (no --include-head) or use a model with untied embeddings"
+            )
+    targets = list(target_linears(model, include_head=include_head))
+    if scheme.method == "int4":
+        for name, linear in targets:
+            if linear.in_features % scheme.group_size:
+                fits = [g for g in INT4_GROUP_SIZES if linear.in_features % g == 0]
+                fix = f"use --group-size {fits[-1]}" if fits else "use int8 or nf4"
+                raise InputError(
+                    f"int4 group size {scheme.group_size} does not divide the input width "
+                    f"{linear.in_features} of {name} — {fix}"
+                )
+    for name, linear in targets:
+        _replace(model, name, QuantLinear.from_linear(linear, scheme))
+    return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+# ---- the record in config.json --------------------------------------------------------------------
+def quantization_config(model: nn.Module) -> dict[str, Any] | None:
+    """config.json's `quantization_config` for a quantized model (None for a float one)."""
+    quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not quantized:
+        return None
+    schemes = {m.scheme for _, m in quantized}
+    if len(schemes) > 1:
+        raise InputError("the model mixes quantization schemes — quantize it with one method")
+    scheme = schemes.pop()
+    return {
+        "quant_method": QUANT_METHOD,
+        "scheme": scheme.method,
+        "bits": scheme.bits,
+        "group_size": scheme.group_size,
+        "modules": [n for n, _ in quantized],
+    }
+
+
+def prepare_quantized(model: nn.Module, config: dict[str, Any], *, dtype: torch.dtype) -> None:
+    """Replace the modules a `quantization_config` names by empty `QuantLinear`s on the model's
+    device (meta while loading), ready to have the checkpoint's tensors assigned."""
+    if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
+        method = config.get("quant_method") if isinstance(config, dict) else config
+        raise InputError(
+            f"config.json quantization_config has quant_method {method!r}, which lmstack cannot load — "
+            f"load a float checkpoint or one `lmstack quantize` wrote (quant_method {QUANT_METHOD!r})"
+        )
+    try:
+        scheme = QuantScheme.make(config["scheme"], config.get("group_size"))
+        modules = list(config["modules"])
+    except (KeyError, TypeError) as exc:
+        raise InputError(
+            f"config.json quantization_config lacks {exc} — re-save the model with `lmstack quantize`"
+        ) from None
+    for name in modules:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear):
+            raise InputError(
+                f"config.json quantization_config names module {name!r}, which is not a linear layer of "
+                "this model — the config does not match the checkpoint; re-save it"
+            )
+        device = linear.weight.device
+        _replace(
+            model,
+            name,
+            QuantLinear(
+                linear.in_features,
+                linear.out_features,
+                scheme,
+                bias=linear.bias is not None,
+                device=device,
+                dtype=dtype,
+            ),
+        )
