@@ -1,4 +1,4 @@
-"""Atomic file writes (DESIGN.md: write `<name>.tmp`, fsync, rename).
+"""Atomic file writes: write `<name>.tmp`, fsync, rename.
 
 A crash at any instant leaves either the previous file or the new one, never a half-written file under
 the final name. `os.replace` is atomic on POSIX and Windows when source and target share a folder,

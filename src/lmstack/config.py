@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lmstack.errors import InputError
@@ -242,13 +241,6 @@ class ModelConfig:
             hint = f"did you mean {', '.join(close)}?" if close else f"known presets: {', '.join(PRESETS)}"
             raise InputError(f"unknown preset {name!r} — {hint}")
         return cls(name=name, **PRESETS[name])
-
-    @classmethod
-    def from_hf(cls, path_or_dict: str | Path | dict[str, Any]) -> ModelConfig:
-        """Read a Hugging Face `config.json` (a dict, the file, or its folder) of a supported family."""
-        from lmstack.interop.hf_config import config_from_hf
-
-        return config_from_hf(path_or_dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

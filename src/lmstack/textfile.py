@@ -3,14 +3,17 @@
 "Text" means what git and grep mean: no NUL byte in the first 8 KiB (a NUL there is a binary file's
 signature, and UTF-8 text never needs one), valid UTF-8, and not empty. Each error names the file and
 the fix, so `lmstack tokenizer train --input`, `lmstack train --data`, `lmstack eval --data` and data
-extraction refuse the same files with the same words.
+extraction refuse the same files with the same words. Settings files (`--config`: YAML or JSON) are
+read by `read_settings_file`, so every config loader words its errors alike.
 """
 
 from __future__ import annotations
 
 import codecs
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from lmstack.errors import InputError
 
@@ -63,3 +66,28 @@ def read_text_file(path: str | os.PathLike, *, what: str = "input file") -> str:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise utf8_error(path, exc) from None
+
+
+def read_settings_file(path: str | os.PathLike, *, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML (`.yaml`/`.yml`) or JSON settings file holds; errors name the file and the fix."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"cannot read {what} {path}: no such file — check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {what} {path}: {exc} — give a UTF-8 YAML or JSON file") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
+        raise InputError(
+            f"cannot parse {what} {path}: {' '.join(str(exc).split())} — fix its syntax"
+        ) from None
+    if not isinstance(values, dict):
+        raise InputError(f"{what} {path} must hold a mapping of settings (key: value) — fix its contents")
+    return values

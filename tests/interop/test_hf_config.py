@@ -1,4 +1,4 @@
-"""`ModelConfig.from_hf` / `config_to_hf`: both RoPE layouts, every family, the `lmstack` block."""
+"""`config_from_hf` / `config_to_hf`: both RoPE layouts, every family, the `lmstack` block."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def v5(config: dict) -> dict:
 
 def test_llama31_both_layouts_match_the_preset():
     for data in (LLAMA_V4, v5(LLAMA_V4)):
-        config = ModelConfig.from_hf(data)
+        config = config_from_hf(data)
         preset = ModelConfig.preset("llama3.1-8b")  # the base model, whose config lists one EOS id
         assert config == dataclasses.replace(preset, hf_repo=None, extra_eos_ids=(128008, 128009))
         assert config.eos_id == 128001  # the first of the list is the primary one
@@ -71,7 +71,7 @@ def test_llama31_both_layouts_match_the_preset():
 def test_rope_scaling_v4_and_v5(scaling, expected):
     base = dict(LLAMA_V4, max_position_embeddings=4096, rope_theta=10000.0, rope_scaling=scaling)
     for data in (base, v5(base)):
-        config = ModelConfig.from_hf(data)
+        config = config_from_hf(data)
         for field, value in expected.items():
             assert getattr(config, field) == pytest.approx(value), (field, data)
 
@@ -125,7 +125,7 @@ def test_each_family_v4_and_v5_gives_its_preset(family):
     if family == "gpt2":
         preset = dataclasses.replace(preset, dropout=0.1)  # GPT-2's config default resid_pdrop
     for data in (FAMILY_V4[family], v5(FAMILY_V4[family])):
-        assert ModelConfig.from_hf(data) == preset
+        assert config_from_hf(data) == preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -167,21 +167,17 @@ def test_lmstack_block_wins(tmp_path):
     data = config_to_hf(config)
     assert data["lmstack"]["position"] == "alibi"
     (tmp_path / "config.json").write_text(json.dumps(data))
-    assert ModelConfig.from_hf(tmp_path) == config
-    assert ModelConfig.from_hf(tmp_path / "config.json") == config
+    assert config_from_hf(tmp_path) == config
+    assert config_from_hf(tmp_path / "config.json") == config
     assert hf_incompatibilities(config) == ["position: LlamaForCausalLM needs RoPE positions"]
 
 
 def test_qwen2_sliding_window_layers():
     base = dict(FAMILY_V4["qwen2"], num_hidden_layers=4, sliding_window=1024)
-    assert (
-        ModelConfig.from_hf(dict(base, use_sliding_window=True, max_window_layers=0)).sliding_window == 1024
-    )
-    assert (
-        ModelConfig.from_hf(dict(base, use_sliding_window=False, max_window_layers=0)).sliding_window is None
-    )
+    assert config_from_hf(dict(base, use_sliding_window=True, max_window_layers=0)).sliding_window == 1024
+    assert config_from_hf(dict(base, use_sliding_window=False, max_window_layers=0)).sliding_window is None
     with pytest.raises(InputError, match="mixes full and sliding-window layers"):
-        ModelConfig.from_hf(dict(base, use_sliding_window=True, max_window_layers=2))
+        config_from_hf(dict(base, use_sliding_window=True, max_window_layers=2))
 
 
 @pytest.mark.parametrize(
@@ -203,23 +199,23 @@ def test_qwen2_sliding_window_layers():
 )
 def test_unsupported_configs_raise(change, message):
     with pytest.raises(InputError, match=message):
-        ModelConfig.from_hf(dict(LLAMA_V4, **change))
+        config_from_hf(dict(LLAMA_V4, **change))
 
 
 def test_bad_config_files(tmp_path):
     with pytest.raises(InputError, match="no such config file"):
-        ModelConfig.from_hf(tmp_path)
+        config_from_hf(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(InputError, match=r"config\.json: not a readable JSON config"):
-        ModelConfig.from_hf(tmp_path)
+        config_from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA_V4, lmstack={"d_modle": 3})))
     with pytest.raises(InputError, match="did you mean d_model"):
-        ModelConfig.from_hf(tmp_path)
+        config_from_hf(tmp_path)
 
 
 def test_out_of_vocabulary_token_ids_are_dropped():
     with pytest.warns(UserWarning, match="outside the vocabulary"):
-        config = ModelConfig.from_hf(dict(LLAMA_V4, vocab_size=1000))
+        config = config_from_hf(dict(LLAMA_V4, vocab_size=1000))
     assert config.bos_id is None and config.eos_id is None
 
 
@@ -230,4 +226,4 @@ def test_wrongly_typed_fields_are_input_errors(bad):
         "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
     }  # fmt: skip
     with pytest.raises(ValueError, match="config"):
-        ModelConfig.from_hf({**data, **bad})
+        config_from_hf({**data, **bad})

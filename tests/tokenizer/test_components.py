@@ -49,7 +49,7 @@ def build(pre_tokenizer, normalizer=None, vocab_size: int = 400) -> tokenizers.T
 
 
 def assert_same(hf: tokenizers.Tokenizer, texts=TEXTS, allowed="all") -> Tokenizer:
-    ours = from_hf_json(json.loads(hf.to_str()))
+    ours = from_hf_json(Tokenizer, json.loads(hf.to_str()))
     for text in texts:
         expected = hf.encode(text, add_special_tokens=False).ids
         assert ours.encode(text, allowed_special=allowed) == expected, text
@@ -152,7 +152,7 @@ def test_unsupported_components_are_named(setter, name: str) -> None:
     hf = build(byte_level(True))
     setter(hf)
     with pytest.raises(InputError, match=name):
-        from_hf_json(json.loads(hf.to_str()))
+        from_hf_json(Tokenizer, json.loads(hf.to_str()))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ For one sequence of `s` tokens and one block:
 * MLP: 2·s·(2 or 3)·d·d_ff; an MoE layer runs its router (2·s·d·E) and only the k chosen experts;
 * LM head: 2·s·d·vocab (tied or not: the multiplication happens either way).
 
-For MHA the attention part is the seeds' 8sd² + 4s²d per layer (`seed_attention_layer_flops`).
+For MHA the attention part is the textbook 8sd² + 4s²d per layer (`seed_attention_layer_flops`).
 """
 
 from __future__ import annotations
@@ -123,5 +123,5 @@ def training_flops_6nd(n_params: float, tokens: float) -> float:
 
 
 def seed_attention_layer_flops(context: int, d_model: int) -> int:
-    """Seed 002: one MHA layer = 8·s·d² (q, k, v, o projections) + 4·s²·d (QKᵀ and attn×V), full s²."""
+    """Textbook: one MHA layer = 8·s·d² (q, k, v, o projections) + 4·s²·d (QKᵀ and attn×V), full s²."""
     return 8 * context * d_model**2 + 4 * context**2 * d_model

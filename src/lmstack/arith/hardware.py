@@ -4,8 +4,8 @@ Conventions (stated once, used everywhere in `lmstack.arith`):
 
 * `peak_flops` is the **dense BF16 tensor-core rate with FP32 accumulate**, in FLOP/s (2 FLOPs per
   multiply-add). Vendor headline numbers "with sparsity" assume 2:4 structured sparsity and are twice
-  this; we never use them (the RTX 4090 is 165 TFLOP/s here, not 330). The phone is the seeds'
-  example device and its peak is in int4 operations per second.
+  this; we never use them (the RTX 4090 is 165 TFLOP/s here, not 330). The phone is a typical
+  mid-range handset and its peak is in int4 operations per second.
 * `bandwidth_bytes_per_s` is the vendor's peak DRAM/HBM bandwidth, decimal (1 TB/s = 1e12 B/s).
 * `memory_bytes` is the nominal capacity read as **GiB** (2**30 bytes): DRAM and HBM come in
   power-of-two sizes (an A100 80GB reports 81,920 MiB = exactly 80 GiB; an H100 80GB reports 81,559
@@ -16,7 +16,7 @@ GB/s for 80GB SXM); H100 datasheet (SXM 1,979 / PCIe 1,513 TFLOPS BF16 *with spa
 dense; 3.35 TB/s / 2.0 TB/s); H200 datasheet (same compute as H100 SXM, 141 GB at 4.8 TB/s); L4
 datasheet (242 TFLOPS BF16 with sparsity -> 121 dense, 24 GB, 300 GB/s); Ada Lovelace architecture
 whitepaper, RTX 4090 "Peak BF16 Tensor TFLOPS with FP32 Accumulate 165.2/330.4", 24 GB, 1,008 GB/s;
-the phone from seed 002 ("6 GB RAM, 2 TOPS INT4", "~50 GB/s (LPDDR5)").
+the phone is a typical mid-range handset (6 GB LPDDR5 at ~50 GB/s, an NPU at ~2 TOPS INT4).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ HARDWARE: dict[str, Hardware] = {
         Hardware("h200", 989e12, 4.8e12, 141 * GIB, "NVIDIA H200 SXM 141GB"),
         Hardware("l4", 121e12, 0.3e12, 24 * GIB, "NVIDIA L4 24GB"),
         Hardware("rtx4090", 165e12, 1.008e12, 24 * GIB, "NVIDIA GeForce RTX 4090 24GB"),
-        Hardware("phone", 2e12, 50e9, 6 * GIB, "seed 002's phone: 6 GB LPDDR5 at ~50 GB/s, 2 TOPS int4"),
+        Hardware("phone", 2e12, 50e9, 6 * GIB, "a typical phone: 6 GB LPDDR5 at ~50 GB/s, 2 TOPS int4"),
     )
 }
 ALIASES = {"a100": "a100-80gb", "h100": "h100-sxm", "4090": "rtx4090", "rtx-4090": "rtx4090"}

@@ -1,6 +1,6 @@
 """KV-cache sizes: bytes per token, per sequence and per batch, for MHA, GQA, MQA and sliding windows.
 
-Each layer caches one key and one value vector per KV head per token (seed 003 §12):
+Each layer caches one key and one value vector per KV head per token (Pope et al. 2022):
 
     bytes per token = 2 (K and V) × n_layers × n_kv_heads × head_dim × bytes per element
 

@@ -11,7 +11,7 @@ output matrix at a higher-precision type). The formats:
 bits (QLoRA's NormalFloat4 with double quantisation: an 8-bit scale per 64 weights and an fp32
 constant per 256 scales), `q4_0` = GGUF's 18 bytes per block of 32 (fp16 scale + 32 nibbles).
 
-Training state per parameter, mixed-precision AdamW (the seeds' and ZeRO's 16 B/param): bf16 weight 2
+Training state per parameter, mixed-precision AdamW (ZeRO's 16 B/param): bf16 weight 2
 + bf16 gradient 2 + fp32 master weight 4 + Adam m 4 + v 4. `training_bytes` is exactly this;
 activations are reported separately. Other optimizers change the last term: AdamW 8-bit 2 B, SGD with
 momentum 4 B, plain SGD 0 B.

@@ -224,7 +224,7 @@ def count_params(config: ModelConfig) -> ParamCounts:
     )
 
 
-# ---- the seeds' approximations, kept so tests can show where they hold and where they drift ----------
+# ---- the textbook approximations, kept so tests can show where they hold and where they drift ----------
 def approx_12ld2(d_model: int, n_layers: int, vocab_size: int = 0) -> int:
-    """Seed 002's rule: 12·L·d² (4d² attention + 8d² MLP with d_ff = 4d) + V·d (one tied table)."""
+    """Kaplan et al. 2020's rule: 12·L·d² (4d² attention + 8d² MLP with d_ff = 4d) + V·d (one tied table)."""
     return 12 * n_layers * d_model**2 + vocab_size * d_model

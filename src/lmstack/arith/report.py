@@ -38,7 +38,7 @@ from lmstack.config import ModelConfig
 from lmstack.errors import InputError
 
 DEFAULT_HARDWARE = "h100-sxm"
-DEFAULT_PRICE_PER_GPU_HOUR = 3.0  # seed 002's "H100 cloud cost: ~$3/hour"; an assumption, pass your own
+DEFAULT_PRICE_PER_GPU_HOUR = 3.0  # a typical H100 cloud price, ~$3/hour; an assumption, pass your own
 DEFAULT_RESERVE_FRACTION = 0.1  # vLLM's default gpu_memory_utilization=0.9 leaves 10% for activations etc.
 
 

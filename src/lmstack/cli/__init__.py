@@ -33,7 +33,7 @@ COMMAND_MODULES = {
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print the one-line error of DESIGN.md's convention and exit."""
+    """Print the one-line error `lmstack: error: <what> — <how to fix>` and exit."""
     print(f"lmstack: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 

@@ -103,7 +103,7 @@ def run_stats(args: argparse.Namespace) -> int:
     tok = Tokenizer.load(args.tokenizer)
     stats = measure_file(tok, args.file)
     print(f"file        {args.file}")
-    print("(seeds' rule of thumb, English with GPT-4's tokenizer: ~4 characters and ~0.75 words per token)")
+    print("(rule of thumb, English with GPT-4's tokenizer: ~4 characters and ~0.75 words per token)")
     print(f"tokens      {stats.tokens:,}")
     print(f"characters  {stats.characters:,}  ({stats.chars_per_token:.2f} per token)")
     print(f"bytes       {stats.bytes:,}  ({stats.bytes_per_token:.2f} per token)")

@@ -144,15 +144,11 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def _file_values(path: str) -> dict[str, Any]:
     """Only the keys the file sets (on resume the saved config supplies the rest)."""
+    from lmstack.textfile import read_settings_file
     from lmstack.train import TrainConfig
 
     TrainConfig.load(path)  # validates
-    text = Path(path).read_text(encoding="utf-8")
-    if Path(path).suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+    return read_settings_file(path)
 
 
 def newest_run(runs: Path) -> Path:

@@ -17,7 +17,6 @@ The whole config is recorded in the dataset manifest, so changing any knob chang
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 from lmstack.data.dedup import DedupConfig
 from lmstack.data.quality import QualityConfig
 from lmstack.errors import InputError
+from lmstack.textfile import read_settings_file
 
 
 @dataclass(frozen=True)
@@ -116,22 +116,7 @@ class DataConfig:
     @classmethod
     def load(cls, path: str | Path) -> DataConfig:
         """Read a YAML (.yaml/.yml) or JSON file."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"cannot read data config {path}: {exc.strerror} — check the path") from exc
-        try:
-            if path.suffix.lower() in {".yaml", ".yml"}:
-                import yaml
-
-                values = yaml.safe_load(text) or {}
-            else:
-                values = json.loads(text)
-        except Exception as exc:  # yaml.YAMLError or json.JSONDecodeError
-            raise InputError(f"cannot parse data config {path}: {exc} — fix its syntax") from exc
-        if not isinstance(values, dict):
-            raise InputError(f"data config {path} must hold a mapping of settings")
+        values = read_settings_file(path, what="data config")
         return cls.from_dict(values.get("data", values))
 
 

@@ -6,9 +6,9 @@ key the call's queries may attend to, with positions and validity. Visibility is
 rule in `masks.sees`, from positions, so a cache may keep keys in any slot order (the rolling cache
 wraps around, the paged cache scatters them over blocks) as long as it reports where each key sits.
 
-Seed 001, "KV Cache": a dynamic cache grows by concatenation (simple, but every step reallocates and
-copies); a static cache preallocates a maximum length (no allocation while decoding); the hybrid the
-seed recommends is a static cache resized by doubling when full, so copies happen O(log n) times.
+Three ways to hold a KV cache: a dynamic cache grows by concatenation (simple, but every step reallocates and
+copies); a static cache preallocates a maximum length (no allocation while decoding); the hybrid we
+use is a static cache resized by doubling when full, so copies happen O(log n) times.
 Slots a static cache has not filled yet are never handed to attention: the cache returns a view of
 its filled prefix, which is equivalent to masking them and cheaper.
 
@@ -150,7 +150,7 @@ class StaticCache(_LayerwiseCache):
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.pos[:, :end], k_valid
 
     def _grow(self, needed: int) -> None:
-        # Hybrid policy (seed 001): double, so n tokens cost O(log n) reallocations instead of n.
+        # Hybrid policy (geometric growth): double, so n tokens cost O(log n) reallocations instead of n.
         new_len = max(2 * self.capacity, needed)
         for store in (self.k, self.v):
             for layer, old in enumerate(store):

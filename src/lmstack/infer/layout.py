@@ -1,7 +1,7 @@
 """Weight memory layout tuned for decoding: same values, same shapes, faster matrix-vector products.
 
 Decoding one token multiplies a vector by every weight matrix, so it is bound by how fast the weights
-stream from memory (seed 002: decode is memory-bandwidth-bound). `nn.Linear` keeps W as (out, in)
+stream from memory (~1 FLOP per weight byte: memory-bandwidth-bound). `nn.Linear` keeps W as (out, in)
 rows; BLAS libraries do not read both storage orders equally fast (on some CPUs the (in, out) order is
 markedly quicker for wide matrices such as the LM head). `optimize_for_decode` times both orders for
 each distinct weight shape of the model, on the model's own matrices so the timing streams from main

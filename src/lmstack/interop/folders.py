@@ -2,7 +2,7 @@
 
 A preset name, a `config.json`, a checkpoint folder (config.json + safetensors), or a run folder — the
 folder training writes, whose `latest` file names its newest complete checkpoint under
-`checkpoints/step_<N>/` (DESIGN.md, "Run folder"). Resolution lives here, below train and infer,
+`checkpoints/step_<N>/` (`lmstack.train` writes it). Resolution lives here, below train and infer,
 so every command reads run folders the same way.
 """
 
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
+from lmstack.interop.hf_config import config_from_hf
 
 if TYPE_CHECKING:
     import torch
@@ -67,10 +68,10 @@ def resolve_model_config(spec: str | Path) -> tuple[ModelConfig, Path | None]:
     or a bare config.json)."""
     path = Path(spec).expanduser()
     if path.is_file():
-        return ModelConfig.from_hf(path), None
+        return config_from_hf(path), None
     if path.is_dir():
         folder = resolve_model_dir(path)
-        return ModelConfig.from_hf(folder), folder
+        return config_from_hf(folder), folder
     text = str(spec)
     if path.suffix == ".json" or "/" in text or "\\" in text:
         raise InputError(

@@ -380,6 +380,7 @@ def _hf_config(meta: dict[str, Any], arch: str, tensors: dict[str, Any]) -> dict
 
 
 def _tokenizer_from_gguf(meta: dict[str, Any]) -> Any:
+    from lmstack.tokenizer import Tokenizer
     from lmstack.tokenizer.hf_format import from_hf_json
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
@@ -428,7 +429,7 @@ def _tokenizer_from_gguf(meta: dict[str, Any]) -> Any:
         "eos_token": names.get(meta.get("tokenizer.ggml.eos_token_id")),
         "chat_template": meta.get("tokenizer.chat_template", ""),
     }
-    return from_hf_json(data, config, source="GGUF tokenizer")
+    return from_hf_json(Tokenizer, data, config, source="GGUF tokenizer")
 
 
 def import_gguf(path: str | Path, out: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """Multi-head attention with GQA/MQA, three interchangeable implementations, and a KV-cache hook.
 
 softmax(QKᵀ/√d_k)·V: scaling by 1/√d_k keeps the logits' variance near 1 so the softmax does not
-saturate (seed 001, "Scaled dot-product attention"). Grouped-query attention lets G = H / KV query
+saturate (Vaswani et al. 2017, scaled dot-product attention). Grouped-query attention lets G = H / KV query
 heads share one key/value head; the K/V tensors are broadcast over the group, never copied.
 
 Implementations (chosen at build or run time, never saved): `eager` (the formula, and it can return

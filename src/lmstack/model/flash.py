@@ -1,6 +1,6 @@
 """Flash attention in plain PyTorch: tiled, online softmax, O(s·d) memory for backward.
 
-The seeds' Flash Attention section: never materialise the (s × s) score matrix. The forward pass walks
+FlashAttention (Dao et al. 2022): never materialise the (s × s) score matrix. The forward pass walks
 key tiles for each query tile keeping a running max `m`, a running normaliser `l` (`denom`) and an unnormalised
 output; rescaling by exp(m_old - m_new) when the max grows makes the result exact (Milakov & Gimelshein
 2018, "online softmax"). Only the output and the per-row log-sum-exp are saved; the backward pass

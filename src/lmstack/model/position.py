@@ -1,7 +1,7 @@
 """Positional schemes: RoPE (with linear, dynamic-NTK, YaRN and Llama-3 scaling), learned, sinusoidal, ALiBi.
 
 RoPE rotates each (x_i, x_{i+d/2}) pair of a query/key by an angle proportional to its position, so
-the dot product q·k depends only on the relative distance (seed 001, "Rotary position embeddings").
+the dot product q·k depends only on the relative distance (Su et al. 2021, RoFormer).
 We use the "rotate half" layout of Hugging Face checkpoints so their weights load unpermuted.
 """
 

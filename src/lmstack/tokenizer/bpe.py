@@ -1,8 +1,8 @@
 """The byte-level BPE tokenizer: train, encode, decode.
 
 Byte-level BPE starts from the 256 possible bytes, so every string has an encoding (no unknown token),
-and grows the vocabulary by merging the most frequent adjacent pair, again and again (seeds: "merge most
-frequent byte pairs iteratively"). In a tokenizer we train:
+and grows the vocabulary by merging the most frequent adjacent pair, again and again (Sennrich et al.
+2016, BPE for subword units; Radford et al. 2019, byte-level). In a tokenizer we train:
 
     ids 0..255            the raw bytes
     id 256 + i            merge i (its bytes are the concatenation of the pair's bytes)
@@ -35,6 +35,7 @@ from typing import Any
 import regex
 
 from lmstack.errors import InputError
+from lmstack.tokenizer import chat, formats
 from lmstack.tokenizer.components import compile_normalizer, compile_pre_tokenizer
 from lmstack.tokenizer.merge import merge_piece
 from lmstack.tokenizer.pretokenize import (
@@ -321,10 +322,8 @@ class Tokenizer:
                 return None
             if importlib.util.find_spec("tiktoken") is None:  # the optional extra is not installed
                 return None
-            from lmstack.tokenizer.formats import to_tiktoken
-
             with contextlib.suppress(InputError, ValueError):  # not exact, or the regex refused
-                self._tiktoken = to_tiktoken(self)
+                self._tiktoken = formats.to_tiktoken(self)
         return self._tiktoken or None
 
     def render_chat(
@@ -334,9 +333,7 @@ class Tokenizer:
 
         See `lmstack.tokenizer.chat`: the mask marks each assistant message's content and end token.
         """
-        from lmstack.tokenizer.chat import render_chat
-
-        return render_chat(self, messages, add_generation_prompt=add_generation_prompt)
+        return chat.render_chat(self, messages, add_generation_prompt=add_generation_prompt)
 
     # ----------------------------------------------------------------------------------------------
     # decoding
@@ -472,9 +469,7 @@ class Tokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `lmstack_tokenizer.json`, and Hugging Face's `tokenizer.json` + `tokenizer_config.json`."""
-        from lmstack.tokenizer.formats import save
-
-        return save(self, directory)
+        return formats.save(self, directory)
 
     @classmethod
     def from_tiktoken(
@@ -491,32 +486,22 @@ class Tokenizer:
         and special tokens; `pattern` and `special_tokens` override them (one of `name`/`pattern` is
         needed: the file holds only the ranks).
         """
-        from lmstack.tokenizer.formats import from_tiktoken
-
-        return from_tiktoken(path, name=name, pattern=pattern, special_tokens=special_tokens)
+        return formats.from_tiktoken(cls, path, name=name, pattern=pattern, special_tokens=special_tokens)
 
     @classmethod
     def from_gpt2_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> Tokenizer:
         """Import GPT-2's original `encoder.json` + `vocab.bpe` (ids as in the files)."""
-        from lmstack.tokenizer.formats import from_gpt2_files
-
-        return from_gpt2_files(encoder_json, vocab_bpe)
+        return formats.from_gpt2_files(cls, encoder_json, vocab_bpe)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
         """Read `lmstack_tokenizer.json` from `directory`, or import a byte-level BPE `tokenizer.json`."""
-        from lmstack.tokenizer.formats import load
-
-        return load(directory)
+        return formats.load(cls, directory)
 
     def to_hf(self) -> Any:
         """This tokenizer as a `tokenizers.Tokenizer` (needs the `tokenizers` package)."""
-        from lmstack.tokenizer.formats import to_hf
-
-        return to_hf(self)
+        return formats.to_hf(self)
 
     def to_tiktoken(self) -> Any:
         """This tokenizer as a `tiktoken.Encoding` built from our ranks (needs `tiktoken`)."""
-        from lmstack.tokenizer.formats import to_tiktoken
-
-        return to_tiktoken(self)
+        return formats.to_tiktoken(self)

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmstack.errors import InputError
-
-if TYPE_CHECKING:
-    from lmstack.tokenizer.bpe import Tokenizer
+from lmstack.tokenizer.types import T, TokenizerLike
+from lmstack.tokenizer.vocab import extra_tokens
 
 TRANSCRIPT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -60,13 +59,13 @@ def check_messages(messages: Messages) -> list[dict[str, Any]]:
     return checked
 
 
-def transcript_stops(tok: Tokenizer) -> list[str]:
+def transcript_stops(tok: TokenizerLike) -> list[str]:
     """Stop strings a chat reply needs beyond the EOS ids: the plain transcript has no end-of-turn
     token, so a reply ends where the model starts the user's next line."""
     return [] if tok.chat_template else [f"\n{TRANSCRIPT_ROLES['user']}:"]
 
 
-def render_text(tok: Tokenizer, messages: Messages, *, add_generation_prompt: bool = False) -> str:
+def render_text(tok: TokenizerLike, messages: Messages, *, add_generation_prompt: bool = False) -> str:
     """The conversation as text: the tokenizer's chat template, or the plain transcript without one."""
     messages = check_messages(messages)
     if not tok.chat_template:
@@ -75,7 +74,7 @@ def render_text(tok: Tokenizer, messages: Messages, *, add_generation_prompt: bo
     return _render_template(tok, messages, add_generation_prompt)
 
 
-def _render_template(tok: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+def _render_template(tok: TokenizerLike, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -101,7 +100,7 @@ def _render_template(tok: Tokenizer, messages: list[dict[str, Any]], add_generat
         ) from None
 
 
-def template_name(tok: Tokenizer) -> str:
+def template_name(tok: TokenizerLike) -> str:
     """How errors name the template in use."""
     if not tok.chat_template:
         return "the plain transcript"
@@ -112,7 +111,7 @@ def template_name(tok: Tokenizer) -> str:
 
 
 def render_chat(
-    tok: Tokenizer, messages: Messages, *, add_generation_prompt: bool = False
+    tok: TokenizerLike, messages: Messages, *, add_generation_prompt: bool = False
 ) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation, and for each id whether an assistant message wrote it.
 
@@ -126,7 +125,7 @@ def render_chat(
     return ids, _mask(tok, ids, text, spans)
 
 
-def assistant_spans(tok: Tokenizer, messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
+def assistant_spans(tok: TokenizerLike, messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
     """Character spans of the assistant messages in the rendered conversation (see module docstring)."""
     spans = []
     previous = ""
@@ -146,7 +145,7 @@ def assistant_spans(tok: Tokenizer, messages: list[dict[str, Any]]) -> list[tupl
     return spans
 
 
-def _through_end_token(tok: Tokenizer, added: str) -> str:
+def _through_end_token(tok: TokenizerLike, added: str) -> str:
     """What an assistant message added, without template whitespace after its final special token."""
     stripped = added.rstrip()
     if any(stripped.endswith(s) for s in tok.special_tokens):
@@ -154,7 +153,7 @@ def _through_end_token(tok: Tokenizer, added: str) -> str:
     return added
 
 
-def _mask(tok: Tokenizer, ids: list[int], text: str, spans: list[tuple[int, int]]) -> list[bool]:
+def _mask(tok: TokenizerLike, ids: list[int], text: str, spans: list[tuple[int, int]]) -> list[bool]:
     """Mark each token whose bytes overlap an assistant span (byte offsets of the UTF-8 text)."""
     data = text.encode("utf-8")
     if tok.decode_bytes(ids) != data:
@@ -171,15 +170,12 @@ def _mask(tok: Tokenizer, ids: list[int], text: str, spans: list[tuple[int, int]
     return mask
 
 
-def with_chatml(tok: Tokenizer) -> Tokenizer:
+def with_chatml(tok: T) -> T:
     """A copy of `tok` with the ChatML special tokens (added after its ids if missing) and template.
 
     What fine-tuning a base model for chat starts from; the new tokens' embeddings must then be added
     to the model. `<|im_end|>` becomes the end-of-sequence token, so generation stops after a turn.
     """
-    from lmstack.tokenizer.bpe import Tokenizer
-    from lmstack.tokenizer.vocab import extra_tokens
-
     specials = tok.special_tokens
     next_id = len(tok._id_bytes)
     for name in CHATML_TOKENS:
@@ -188,7 +184,7 @@ def with_chatml(tok: Tokenizer) -> Tokenizer:
         if name not in specials:
             specials[name] = next_id
             next_id += 1
-    return Tokenizer(
+    return type(tok)(
         tok.merges,
         pattern=tok.pattern,
         special_tokens=specials,

@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmstack.atomic import atomic_write_text
 from lmstack.errors import InputError
@@ -26,10 +26,8 @@ from lmstack.textfile import read_text_file
 from lmstack.tokenizer.hf_format import HF_TOKENIZER, from_hf_json, to_hf, to_hf_config, to_hf_json
 from lmstack.tokenizer.merge import merge_piece
 from lmstack.tokenizer.pretokenize import TIKTOKEN_ENCODINGS
+from lmstack.tokenizer.types import T, TokenizerLike
 from lmstack.tokenizer.vocab import extra_tokens
-
-if TYPE_CHECKING:
-    from lmstack.tokenizer.bpe import Tokenizer
 
 FORMAT_NAME = "lmstack_tokenizer"
 FORMAT_VERSION = 1
@@ -41,7 +39,7 @@ HF_CONFIG = "tokenizer_config.json"
 # our format
 
 
-def to_lmstack_json(tok: Tokenizer) -> str:
+def to_lmstack_json(tok: TokenizerLike) -> str:
     """Our file, as text: readable fields first, then one merge per line."""
     standard = tok._byte_ids == list(range(256)) and all(m[2] == 256 + r for r, m in enumerate(tok._merges))
     header = {
@@ -77,10 +75,8 @@ def to_lmstack_json(tok: Tokenizer) -> str:
     return "\n".join(lines) + "\n"
 
 
-def from_lmstack_json(text: str, source: str = OURS) -> Tokenizer:
-    """Parse our file; any inconsistency is an `InputError` naming the file."""
-    from lmstack.tokenizer.bpe import Tokenizer
-
+def from_lmstack_json(cls: type[T], text: str, source: str = OURS) -> T:
+    """Parse our file into a `cls`; any inconsistency is an `InputError` naming the file."""
     fix = "re-save it with Tokenizer.save(), or delete it to fall back to tokenizer.json"
     try:
         data = json.loads(text)
@@ -95,7 +91,7 @@ def from_lmstack_json(text: str, source: str = OURS) -> Tokenizer:
             "upgrade lmstack or re-save the tokenizer"
         )
     try:
-        tok = Tokenizer(
+        tok = cls(
             [tuple(m) for m in data["merges"]],
             pattern=data["pattern"],
             special_tokens=dict(data["special_tokens"]),
@@ -124,7 +120,7 @@ def from_lmstack_json(text: str, source: str = OURS) -> Tokenizer:
 # tiktoken
 
 
-def tiktoken_compatible(tok: Tokenizer) -> str | None:
+def tiktoken_compatible(tok: TokenizerLike) -> str | None:
     """Why this tokenizer cannot be a tiktoken Encoding that gives the same ids, or None if it can."""
     if tok.normalizer:
         return f"it normalizes text ({tok.normalizer}), which tiktoken cannot do"
@@ -161,7 +157,7 @@ def tiktoken_compatible(tok: Tokenizer) -> str | None:
     return None
 
 
-def to_tiktoken(tok: Tokenizer) -> Any:
+def to_tiktoken(tok: TokenizerLike) -> Any:
     """A `tiktoken.Encoding` with our ranks (never `tiktoken.get_encoding`, which downloads)."""
     reason = tiktoken_compatible(tok)
     if reason is not None:
@@ -201,21 +197,20 @@ def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
 
 
 def from_tiktoken(
+    cls: type[T],
     path: str | os.PathLike,
     *,
     name: str | None = None,
     pattern: str | None = None,
     special_tokens: Mapping[str, int] | None = None,
-) -> Tokenizer:
-    """A tokenizer with tiktoken's ranks as ids, encoding exactly as `tiktoken.Encoding` does.
+) -> T:
+    """A `cls` with tiktoken's ranks as ids, encoding exactly as `tiktoken.Encoding` does.
 
     tiktoken merges, within a piece, the adjacent pair whose concatenated bytes have the lowest rank
     (leftmost on ties), after looking the whole piece up first. So every split of every token into two
     tokens becomes a merge ranked by the token's id (`rank_by_token_id`), and `ignore_merges` does the
     whole-piece lookup. Tokens no pair forms stay reachable through that lookup.
     """
-    from lmstack.tokenizer.bpe import Tokenizer
-
     if name is not None and name not in TIKTOKEN_ENCODINGS:
         raise InputError(f"unknown tiktoken encoding {name!r} — one of {', '.join(TIKTOKEN_ENCODINGS)}")
     preset_pattern, preset_specials = TIKTOKEN_ENCODINGS.get(name, (None, {}))
@@ -235,7 +230,7 @@ def from_tiktoken(
             left, right = ranks.get(data[:cut]), ranks.get(data[cut:])
             if left is not None and right is not None:
                 merges.append((left, right, token_id))
-    return Tokenizer(
+    return cls(
         merges,
         pattern=pattern,
         special_tokens=dict(preset_specials if special_tokens is None else special_tokens),
@@ -246,7 +241,7 @@ def from_tiktoken(
     )
 
 
-def from_gpt2_files(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> Tokenizer:
+def from_gpt2_files(cls: type[T], encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> T:
     """GPT-2's original release: `encoder.json` (token -> id, in the byte-level alphabet) and `vocab.bpe`
     (the merges, one "left right" per line after a `#version` header). `<|endoftext|>` is special."""
     source = str(encoder_json)
@@ -259,14 +254,14 @@ def from_gpt2_files(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLik
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
         "added_tokens": [{"id": encoder[end], "content": end, "special": True}] if end in encoder else [],
     }
-    return from_hf_json(data, {"eos_token": end}, source)
+    return from_hf_json(cls, data, {"eos_token": end}, source)
 
 
 # ---------------------------------------------------------------------------------------------------
 # folders
 
 
-def save(tok: Tokenizer, directory: str | os.PathLike) -> Path:
+def save(tok: TokenizerLike, directory: str | os.PathLike) -> Path:
     """Write our file and the two Hugging Face files into `directory` (created), each atomically."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -278,8 +273,8 @@ def save(tok: Tokenizer, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load(directory: str | os.PathLike) -> Tokenizer:
-    """Read `lmstack_tokenizer.json`, else import `tokenizer.json` (+ `tokenizer_config.json`)."""
+def load(cls: type[T], directory: str | os.PathLike) -> T:
+    """A `cls` from `lmstack_tokenizer.json`, else imported from `tokenizer.json` (+ `tokenizer_config.json`)."""
     path = Path(directory)
     if path.is_file() and path.name in (OURS, HF_TOKENIZER):
         path = path.parent
@@ -288,7 +283,7 @@ def load(directory: str | os.PathLike) -> Tokenizer:
             f"tokenizer folder not found: {path} — pass the folder `lmstack tokenizer train --out` wrote"
         )
     if (path / OURS).is_file():
-        return from_lmstack_json(_read(path / OURS), str(path / OURS))
+        return from_lmstack_json(cls, _read(path / OURS), str(path / OURS))
     if (path / HF_TOKENIZER).is_file():
         source = str(path / HF_TOKENIZER)
         data = _parse_json(_read(path / HF_TOKENIZER), source)
@@ -298,7 +293,7 @@ def load(directory: str | os.PathLike) -> Tokenizer:
             else None
         )
         try:
-            return from_hf_json(data, config, source)
+            return from_hf_json(cls, data, config, source)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, InputError):
                 raise

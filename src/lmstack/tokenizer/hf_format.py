@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmstack.errors import InputError
 from lmstack.tokenizer.components import compile_normalizer, compile_pre_tokenizer, plain_pattern
-
-if TYPE_CHECKING:
-    from lmstack.tokenizer.bpe import Tokenizer
+from lmstack.tokenizer.types import T, TokenizerLike
 
 HF_TOKENIZER = "tokenizer.json"
 
@@ -73,7 +71,7 @@ def _from_hf_text(text: str, source: str) -> bytes:
         ) from None
 
 
-def to_hf_json(tok: Tokenizer) -> dict[str, Any]:
+def to_hf_json(tok: TokenizerLike) -> dict[str, Any]:
     """The `tokenizer.json` document for this tokenizer (as a dict)."""
     specials = set(tok._specials.values()) | set(tok._added.values())
     vocab = {
@@ -128,7 +126,7 @@ def to_hf_json(tok: Tokenizer) -> dict[str, Any]:
     }
 
 
-def to_hf_config(tok: Tokenizer) -> dict[str, Any]:
+def to_hf_config(tok: TokenizerLike) -> dict[str, Any]:
     """The `tokenizer_config.json` that lets `transformers.AutoTokenizer` load the folder."""
     names = {i: s for s, i in {**tok._added, **tok._specials}.items()}
     config: dict[str, Any] = {
@@ -154,7 +152,7 @@ def to_hf_config(tok: Tokenizer) -> dict[str, Any]:
     return config
 
 
-def to_hf(tok: Tokenizer) -> Any:
+def to_hf(tok: TokenizerLike) -> Any:
     """A `tokenizers.Tokenizer` (imported lazily: `tokenizers` is a test-only extra)."""
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -162,11 +160,9 @@ def to_hf(tok: Tokenizer) -> Any:
 
 
 def from_hf_json(
-    data: dict[str, Any], config: dict[str, Any] | None = None, source: str = HF_TOKENIZER
-) -> Tokenizer:
-    """Import a byte-level BPE `tokenizer.json` (GPT-2, Llama-3, Qwen2 style), keeping its ids."""
-    from lmstack.tokenizer.bpe import Tokenizer
-
+    cls: type[T], data: dict[str, Any], config: dict[str, Any] | None = None, source: str = HF_TOKENIZER
+) -> T:
+    """A `cls` from a byte-level BPE `tokenizer.json` (GPT-2, Llama-3, Qwen2 style), keeping its ids."""
     model = data.get("model") or {}
     _refuse_non_byte_level(data, model, source)
     pre_spec = data.get("pre_tokenizer")
@@ -227,7 +223,7 @@ def from_hf_json(
     template = config.get("chat_template") or ""
     if isinstance(template, list):  # named templates: keep the default one
         template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
-    return Tokenizer(
+    return cls(
         merges,
         pattern=pattern or "gpt2",  # unused when pre_tokenizer is set
         pre_tokenizer=None if pattern is not None else pre_spec,

@@ -1,6 +1,6 @@
-"""How much text a token carries: the seeds' rules of thumb, measured.
+"""How much text a token carries: the usual rules of thumb, measured.
 
-The seeds quote "~4 characters per token" and "~1.3 tokens per word" for English with GPT-4's tokenizer,
+Rules of thumb say "~4 characters per token" and "~1.3 tokens per word" for English with GPT-4's tokenizer,
 and far fewer characters per token for code and non-Latin scripts. These numbers decide how many tokens a
 corpus holds and how much text fits a context window, so we measure them for a given tokenizer and text.
 Special-token strings in the text count as plain text (`encode_ordinary`).

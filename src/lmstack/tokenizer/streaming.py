@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import codecs
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lmstack.tokenizer.bpe import Tokenizer
+from lmstack.tokenizer.types import TokenizerLike
 
 
 class StreamingDecoder:
@@ -18,7 +16,7 @@ class StreamingDecoder:
     `tokenizer.decode(all_ids)`.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: TokenizerLike) -> None:
         self._tokenizer = tokenizer
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

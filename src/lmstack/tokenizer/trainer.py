@@ -1,6 +1,6 @@
 """Learning BPE merges, incrementally.
 
-The textbook loop (see the seeds: "count the most frequent adjacent pair, merge it, count again") recounts
+The textbook loop (Sennrich et al. 2016: count the most frequent adjacent pair, merge it, repeat) recounts
 every pair of the corpus after each merge: O(merges x corpus). Almost all of that work is wasted, because
 a merge of (a, b) changes only the words that contain (a, b), and in those words only the pairs touching
 the merged occurrences. So we keep, between merges:

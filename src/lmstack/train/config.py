@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import InputError
+from lmstack.textfile import read_settings_file
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -296,26 +297,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """Read a YAML (.yaml/.yml) or JSON file."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputError(f"config file not found: {path} — check the --config path") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(
-                f"cannot read config file {path}: {exc} — give a UTF-8 YAML or JSON file"
-            ) from None
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                values = yaml.safe_load(text) or {}
-            else:
-                values = json.loads(text)
-        except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
-            raise InputError(
-                f"cannot parse config file {path}: {' '.join(str(exc).split())} — fix its syntax"
-            ) from None
+        values = read_settings_file(path)
         return cls.from_dict(values)
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -2,7 +2,7 @@
 
 Every process holds a full replica of the model and trains on its own slice of each global batch;
 after the backward pass DDP all-reduces (averages) the gradients, so every replica takes the same
-optimizer step (seed 001, "data parallelism"). With the same global batch the update equals one
+optimizer step (Li et al. 2020, PyTorch Distributed). With the same global batch the update equals one
 process's up to floating-point summation order. `torchrun` sets RANK, WORLD_SIZE, LOCAL_RANK and the
 rendezvous address in the environment; without them a run is a single process and nothing here
 touches `torch.distributed`.

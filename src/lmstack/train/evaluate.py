@@ -1,6 +1,6 @@
 """Validation loss during training, and `lmstack eval`: sliding-window perplexity and bits per byte.
 
-Perplexity = exp(mean cross-entropy in nats per token) (seed 000): how many equally likely tokens
+Perplexity = exp(mean cross-entropy in nats per token): how many equally likely tokens
 the model is choosing between. It depends on the tokenizer, so models with different vocabularies
 are compared in bits per byte instead: total loss in bits over the UTF-8 bytes of the text,
 bpb = Σ nll / (ln 2 · bytes) = mean_loss · tokens / (ln 2 · bytes).

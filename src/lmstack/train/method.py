@@ -30,9 +30,9 @@ Pretraining (pretrain.py) is the first method: next-token loss on `TokenBatches`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,10 +41,17 @@ from lmstack.errors import InputError
 from lmstack.train.config import TrainConfig
 from lmstack.train.distributed import DistInfo
 
-if TYPE_CHECKING:
-    from lmstack.train.step import StepStats
-
 MetricValue = torch.Tensor | float
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step logged (`step.accumulate_gradients` makes it)."""
+
+    loss: float  # mean `train_loss` over the global batch
+    grad_norm: float  # global norm before clipping
+    aux_loss: float | None = None  # mean MoE balancing loss (None for dense models)
+    metrics: dict[str, float] = field(default_factory=dict)  # every other value the method logged
 
 
 @dataclass(frozen=True)

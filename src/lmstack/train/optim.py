@@ -1,8 +1,8 @@
 """AdamW with decoupled weight decay, its parameter groups, and its state as plain tensors.
 
 AdamW (Loshchilov & Hutter 2019) applies weight decay directly to the weights, θ ← θ − lr·λ·θ, instead
-of adding λθ to the gradient where Adam's per-parameter scaling would distort it (seed 000, "Adam vs
-AdamW"). Decay pulls weights towards zero; that is wanted for the matrices, but not for norm gains
+of adding λθ to the gradient where Adam's per-parameter scaling would distort it. Decay
+pulls weights towards zero; that is wanted for the matrices, but not for norm gains
 (decaying them towards 0 fights the normalisation), biases (they do not multiply inputs, so shrinking
 them does not regularise), and, by default, embeddings (each row is updated only when its token
 appears, so decay would erase rare tokens).

@@ -80,13 +80,14 @@ def planned_model_config(config: TrainConfig) -> ModelConfig:
     preset with the overrides (building it validates every override)."""
     if config.init_from is not None:
         from lmstack.interop.folders import resolve_model_dir
+        from lmstack.interop.hf_config import config_from_hf
 
         if not Path(config.init_from).expanduser().is_dir():
             raise InputError(
                 f"init_from {config.init_from!r} is not a folder — give a checkpoint, run or Hugging Face folder "
                 "(a preset has no trained weights: use --preset to train one from scratch)"
             )
-        return ModelConfig.from_hf(resolve_model_dir(config.init_from))
+        return config_from_hf(resolve_model_dir(config.init_from))
     from types import SimpleNamespace
 
     placeholder = SimpleNamespace(vocab_size=config.vocab_size, eos_id=config.vocab_size - 1, bos_id=None)

@@ -1,7 +1,7 @@
 """Learning-rate schedule: linear warmup, then cosine decay to a floor.
 
 Warmup ramps the rate from ~0 so the first, noisy Adam updates (whose second-moment estimate is
-still poor) cannot throw the model into a bad region (seed 001, "learning rate warm-up"); the cosine
+still poor) cannot throw the model into a bad region (Goyal et al. 2017, gradual warmup); the cosine
 then lowers it smoothly so late updates make fine adjustments. It ends at `min_lr`, not 0, so the last
 steps still learn (Chinchilla and Llama decay to 10% of the peak).
 

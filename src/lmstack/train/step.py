@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 
 from lmstack.train import distributed as dist_mod
 from lmstack.train.distributed import DistInfo
-from lmstack.train.method import MetricValue, to_device
+from lmstack.train.method import MetricValue, StepStats, to_device
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MethodLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, MetricValue]]]
@@ -59,14 +58,6 @@ def next_token_objective(
     if aux is not None:
         return loss + aux_loss_coef * aux, {"train_loss": loss.detach(), "aux_loss": aux.detach()}
     return loss, {}
-
-
-@dataclass(frozen=True)
-class StepStats:
-    loss: float  # mean `train_loss` over the global batch
-    grad_norm: float  # global norm before clipping
-    aux_loss: float | None = None  # mean MoE balancing loss (None for dense models)
-    metrics: dict[str, float] = field(default_factory=dict)  # every other value the method logged
 
 
 def accumulate_gradients(
