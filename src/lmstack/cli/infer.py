@@ -47,6 +47,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", type=Path, required=True, help="checkpoint folder or run folder (its latest checkpoint)"
     )
+    p.add_argument("--adapter", type=Path, default=None, help="a PEFT LoRA/DoRA folder to apply on top")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens at most (default 128)")
     p.add_argument(
         "--temperature",
@@ -132,7 +133,9 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise InputError("the prompt is empty — pass PROMPT or pipe text on stdin")
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    from lmstack.finetune.adapters import load_with_adapter
+
+    model, tokenizer = load_with_adapter(args.model, args.adapter, dtype=args.dtype)
     on_text = (lambda _row, piece: print(piece, end="", flush=True)) if args.stream else None
     result = generate_text(
         model, tokenizer, prompt, on_text=on_text, details=True, **_generation_kwargs(args)
@@ -146,9 +149,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    from lmstack.finetune.adapters import load_with_adapter
     from lmstack.infer import generate_text
 
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_with_adapter(args.model, args.adapter, dtype=args.dtype)
     kwargs = _generation_kwargs(args, generation_defaults(resolve_model_dir(args.model)))
     if not tokenizer.chat_template:
         print(TRANSCRIPT_NOTICE, file=sys.stderr)

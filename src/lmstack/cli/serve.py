@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__
     )
     p.add_argument("--model", type=Path, required=True, help="checkpoint folder or run folder")
+    p.add_argument("--adapter", type=Path, default=None, help="a PEFT LoRA/DoRA folder to apply on top")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help=f"require this bearer key (or set {API_KEY_ENV})")
@@ -44,7 +45,8 @@ def is_loopback(host: str) -> bool:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from lmstack.interop.folders import generation_defaults, load_model_and_tokenizer, resolve_model_dir
+    from lmstack.finetune.adapters import load_with_adapter
+    from lmstack.interop.folders import generation_defaults, resolve_model_dir
     from lmstack.serve import ServerConfig, create_app, serve
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -57,7 +59,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     folder = resolve_model_dir(args.model)
-    model, tokenizer = load_model_and_tokenizer(folder, dtype=args.dtype)
+    model, tokenizer = load_with_adapter(folder, args.adapter, dtype=args.dtype)
     config = ServerConfig(
         model_name=Path(args.model).expanduser().resolve().name,
         api_key=api_key,

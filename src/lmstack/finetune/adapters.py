@@ -109,6 +109,23 @@ def lora_config_for(
     )
 
 
+def load_with_adapter(
+    model: str | Path, adapter: str | Path | None = None, *, dtype: torch.dtype | str | None = None
+) -> tuple[nn.Module, object]:
+    """A model and its tokenizer (`interop.folders.load_model_and_tokenizer`), with a PEFT LoRA/DoRA
+    folder applied unmerged on top when `adapter` is given: what `--adapter DIR` means to every command."""
+    from lmstack.interop.folders import load_model_and_tokenizer
+
+    base, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+    if adapter is not None:
+        path = Path(adapter).expanduser()
+        if not path.is_dir():
+            raise InputError(f"adapter folder not found: {path} — give a folder with adapter_config.json")
+        load_adapter(base, path, name_map=hf_module_names(base))
+        base.eval()
+    return base, tokenizer
+
+
 def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
     """Fold a PEFT LoRA/DoRA folder into its base model and save the result as an ordinary checkpoint
     folder (plain linear layers, the base's tokenizer) in `dtype` (fp32, bf16 or fp16)."""
