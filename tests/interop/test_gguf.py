@@ -2,7 +2,7 @@
 real llama.cpp (`llama-cpp-python`) loading what we write.
 
 The models are tiny lmstack Llama, Qwen2 and GPT-2 models (std 0.2 weights, so logits are O(1-10)) with
-a tokenizer lmstack trains on the repository's README. Widths are multiples of 256 (K-quants) except
+a tokenizer lmstack trains on a frozen copy of the repository's README. Widths are multiples of 256 (K-quants) except
 d_ff = 352, whose ffn_down rows take llama.cpp's fallback types. llama.cpp tests skip when `llama_cpp`
 is not installed, except under CI=true, where the test extra installs it and they must run.
 """
@@ -35,7 +35,8 @@ from lmstack.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+# A frozen copy of an earlier README: a fixed corpus, so that editing the README cannot move what is tested
+README = Path(__file__).resolve().parent / "data" / "gguf_corpus.md"
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
