@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from lmstack.errors import InputError
+from lmstack.textfile import read_text_file
 
 IGNORE = -100  # label of a token the loss skips (torch's cross-entropy ignore_index)
 TRUNCATE = ("drop", "left", "right")
@@ -112,12 +113,7 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<record>", line: int =
 def read_records(path: str | Path, kind: str = "sft") -> list[Record]:
     """Every record of a JSONL file; the first bad line raises, naming its line number and the fix."""
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"data file not found: {path} — give a JSONL file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc} — give a UTF-8 JSONL file") from None
+    text = read_text_file(path, what="JSONL data file")
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
