@@ -257,7 +257,7 @@ class HFToy(nn.Module):
         return self.lm_head(x)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):  # noqa: ANN002, ANN003 - PEFT looks for it
-        raise NotImplementedError
+        raise TypeError("the toy model only scores; these tests never generate with it")
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

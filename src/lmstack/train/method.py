@@ -93,14 +93,18 @@ class Method:
     def batches(self, ctx: MethodContext) -> Iterator[Any]:
         """An endless iterator of micro-batches for this process. Tensors in a batch (also inside
         tuples, lists and dicts) are moved to the device by the loop."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must define batches(ctx) — every Method supplies its data"
+        )
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, MetricValue]]:
         """The scalar objective to minimise on one micro-batch, and named values to log. Metrics are
         averaged over micro-batches and processes and written to metrics.jsonl; `train_loss` defaults
         to the objective. Return detached 0-d tensors rather than floats: the loop converts them once
         per step, so logging costs no host synchronisation per micro-batch."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must define loss(model, batch), or override step() to update without it"
+        )
 
     def step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Any], ctx: MethodContext
