@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import gc
 import json
+import math
 import weakref
 from pathlib import Path
 
@@ -353,3 +354,20 @@ def test_same_logits_as_peft_on_bitsandbytes(base_dir, base, tmp_path) -> None:
         got = ours(x)
         assert (got - nf4_rounded(base)(x)).abs().max() > 0.5
         torch.testing.assert_close(got, hf(input_ids=x).logits, rtol=0, atol=1e-4)
+
+
+def test_dpo_reference_is_the_nf4_base(base_dir, tmp_path, write_jsonl) -> None:
+    """Under QLoRA the policy starts as the NF4 base, so the default reference is that base too: the
+    step-0 reward margin is exactly 0 and the loss log 2 (against the float base they would not be)."""
+    rows = [
+        {"prompt": f"Is {n} even?", "chosen": "yes" if n % 2 == 0 else "no", "rejected": "maybe"}
+        for n in range(8)
+    ]
+    run = FinetuneConfig(
+        model=str(base_dir), out=str(tmp_path / "run"), data=str(write_jsonl(tmp_path / "p.jsonl", rows)),
+        method="dpo", adapter="qlora", max_steps=1, batch_size=2, seq_len=64, eval_interval=1,
+        checkpoint_interval=1, threads=1, progress=False,
+    )  # fmt: skip
+    finetune(run)
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["val_reward_margin"] == 0.0 and first["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
