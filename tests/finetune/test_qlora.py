@@ -188,8 +188,8 @@ def test_bytes_and_trainable_parameters_equal_lmstack_calc(base_dir, capsys) -> 
 def config(base: Path, data: Path, out: Path, **changes) -> FinetuneConfig:
     kw = dict(
         model=str(base), out=str(out), data=str(data), adapter="qlora", lora_targets="all-linear", max_steps=6,
-        batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seq_len=96, eval_interval=3,
-        checkpoint_interval=2, threads=1, progress=False,
+        optimizer="adamw8bit", batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seq_len=96,
+        eval_interval=3, checkpoint_interval=2, threads=1, progress=False,
     )  # fmt: skip
     return FinetuneConfig(**{**kw, **changes})
 
@@ -198,7 +198,9 @@ class Crash(Exception):
     pass
 
 
-def test_qlora_run_resumes_exactly_and_merges_into_the_nf4_base(base_dir, sft_file, tmp_path, capsys) -> None:
+def test_qlora_run_with_8bit_adamw_resumes_exactly_and_merges_into_the_nf4_base(
+    base_dir, sft_file, tmp_path, capsys
+) -> None:
     seen = {}
 
     def inspect(step: int, model: nn.Module) -> None:

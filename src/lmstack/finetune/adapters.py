@@ -169,9 +169,8 @@ def _load_onto(model: str | Path, adapter: Path, dtype: torch.dtype | str | None
         return base, tokenizer
     check_float_base(resolve_model_dir(Path(model).expanduser()))
     base, tokenizer = load_model_and_tokenizer(model, dtype=torch.float32)
-    names = hf_module_names(base)
-    load_adapter(base, adapter, name_map=names)
-    quantize_base(base)
+    load_adapter(base, adapter, name_map=hf_module_names(base))
+    quantize_base(base)  # keeps the loaded adapter tensors (DoRA magnitudes included)
     if dtype is not None:
         base.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return base, tokenizer
