@@ -314,15 +314,16 @@ def test_refusals(base_dir, base, sft_file, tmp_path, capsys) -> None:
     assert all(isinstance(m, QuantLinear) for m in nf4_layers(quantize_base(copy.deepcopy(base))).values())
 
 
-def test_same_logits_as_peft_on_bitsandbytes(base_dir, base, tmp_path) -> None:
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_same_logits_as_peft_on_bitsandbytes(base_dir, base, tmp_path, use_dora) -> None:
     """transformers loads the base in 4 bits with our record's `BitsAndBytesConfig`; PEFT applies our
-    adapter folder. bitsandbytes' NF4 codes equal ours; its 8-bit absmax codes may differ at near-ties
+    LoRA or DoRA adapter folder. bitsandbytes' NF4 codes equal ours; its 8-bit absmax codes may differ at near-ties
     (see tests/quant/test_nf4.py), so those are copied into ours before the logits are compared. The
     bf16 CPU inference kernel of `Linear4bit` is switched off: the comparison is in fp32."""
     bnb = pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    ours = apply_qlora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets="all-linear"))
+    ours = apply_qlora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets="all-linear", use_dora=use_dora))
     random_adapters(ours)
     names = hf_module_names(ours)
     save_adapter(ours, tmp_path, base_model_name_or_path=str(base_dir), name_map=names)
