@@ -22,7 +22,14 @@ from lmstack.cli import main
 from lmstack.compress.linear import QuantLinear, QuantScheme, swap
 from lmstack.errors import InputError
 from lmstack.finetune.adapters import hf_module_names, load_with_adapter
-from lmstack.finetune.lora import LoraConfig, LoraLinear, load_adapter, save_adapter, trainable_parameters
+from lmstack.finetune.lora import (
+    LoraConfig,
+    LoraLinear,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+    trainable_parameters,
+)
 from lmstack.finetune.qlora import (
     BASE_QUANTIZATION,
     BNB_CONFIG,
@@ -274,6 +281,8 @@ def test_merge_equals_the_adapter_on_the_nf4_base_in_python(base) -> None:
             copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets="all-linear", use_dora=use_dora)
         )
         random_adapters(qlora)
+        with pytest.raises(InputError, match="cannot be merged in place"):
+            merge_lora(qlora)
         x = ids(base.config.vocab_size)
         with torch.no_grad():
             want = qlora(x)

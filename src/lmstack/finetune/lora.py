@@ -255,7 +255,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     layers = lora_layers(model)
     for path, layer in layers.items():
         others = sorted(
-            set(holders[id(layer.weight)]) - {n for n, m in layers.items() if m is layer} - {path}
+            set(holders.get(id(getattr(layer, "weight", None)), ()))  # an NF4 base has no float weight
+            - {n for n, m in layers.items() if m is layer}
+            - {path}
         )
         if others:
             raise InputError(
