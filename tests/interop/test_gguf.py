@@ -238,6 +238,42 @@ def test_bad_input_one_line_errors(folder, tokenizer, tmp_path, capsys):
     assert not (tmp_path / "p.gguf").exists() and not (tmp_path / "p.gguf.tmp").exists()
 
 
+def _foreign_gguf(path: Path, arch: str, qtype: str) -> Path:
+    """A minimal GGUF another tool might write: one embedding tensor of `qtype` (zero bytes)."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model("gpt2")
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    data = np.zeros((8, 256 // block * nbytes), dtype=np.uint8)
+    writer.add_tensor(
+        "token_embd.weight", data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType[qtype]
+    )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_bad_gguf_and_quantized_model_one_line_errors(folder, tmp_path, capsys):
+    mamba = _foreign_gguf(tmp_path / "mamba.gguf", "mamba", "F32")
+    err = _fail(["import", "gguf", str(mamba), "--out", str(tmp_path / "a")], capsys)
+    assert "GGUF architecture 'mamba' is not supported — import one of llama, qwen2, gpt2" in err
+    q2 = _foreign_gguf(tmp_path / "q2.gguf", "llama", "Q2_K")
+    err = _fail(["import", "gguf", str(q2), "--out", str(tmp_path / "b")], capsys)
+    assert "tensor token_embd.weight is Q2_K, which lmstack cannot decode" in err
+    bare = _foreign_gguf(tmp_path / "bare.gguf", "llama", "F32")  # no hyper-parameters
+    err = _fail(["import", "gguf", str(bare), "--out", str(tmp_path / "c")], capsys)
+    assert "GGUF metadata lacks llama.block_count, llama.embedding_length" in err
+    int8 = tmp_path / "int8"
+    assert main(["quantize", "--model", str(folder), "--method", "int8", "--out", str(int8)]) == 0
+    capsys.readouterr()
+    err = _fail(
+        ["export", "gguf", "--model", str(int8), "--type", "q8_0", "--out", str(tmp_path / "q.gguf")], capsys
+    )
+    assert "the model is already quantized" in err and "export its float checkpoint" in err
+    assert not (tmp_path / "q.gguf").exists()
+
+
 # ---- real llama.cpp ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama_cpp():
