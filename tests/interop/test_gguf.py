@@ -283,8 +283,10 @@ def llama_cpp():
         if os.environ.get("CI") == "true":
             pytest.fail("llama_cpp is not importable under CI — install the test extra (llama-cpp-python)")
         pytest.skip("llama_cpp is not installed — pip install llama-cpp-python to run the llama.cpp tests")
-    # llama.cpp 0.3.36 repacks Q4_0/K-quant weights at load for AMX/AVX-512 kernels, and that path crashes
-    # on some CPUs (llama.cpp's own quantize output too); the plain CPU kernels are what we compare with.
+    # llama.cpp 0.3.36 repacks Q4_0/Q8_0/K-quant weights at load for its AMX kernels, and on AMX CPUs the
+    # first decode segfaults inside ggml_backend_amx_mul_mat — for files llama.cpp's own quantizer wrote
+    # from our F32 file too, and not for F32/F16 files, which it does not repack: llama.cpp's bug, not
+    # our files'. The plain CPU kernels are what we compare with.
     default_params = llama_cpp.llama_model_default_params
 
     def without_repacking():
