@@ -354,7 +354,11 @@ def bench_perplexity(quick: bool, threads: int, llamacpp: dict | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats: under ~5 minutes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer tokens and repeats: ~6 minutes once the GGUF exports and the model are cached",
+    )
     parser.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {','.join(SHAPES)}")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables and exit")
