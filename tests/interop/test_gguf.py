@@ -30,7 +30,6 @@ from lmstack.interop.gguf import (
 )
 from lmstack.interop.hf import from_pretrained, hf_state_dict, save_pretrained
 from lmstack.model import build_model
-from lmstack.quant import ggml_dequantize
 from lmstack.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -239,6 +238,42 @@ def test_bad_input_one_line_errors(folder, tokenizer, tmp_path, capsys):
     assert not (tmp_path / "p.gguf").exists() and not (tmp_path / "p.gguf.tmp").exists()
 
 
+def _foreign_gguf(path: Path, arch: str, qtype: str) -> Path:
+    """A minimal GGUF another tool might write: one embedding tensor of `qtype` (zero bytes)."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model("gpt2")
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    data = np.zeros((8, 256 // block * nbytes), dtype=np.uint8)
+    writer.add_tensor(
+        "token_embd.weight", data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType[qtype]
+    )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_bad_gguf_and_quantized_model_one_line_errors(folder, tmp_path, capsys):
+    mamba = _foreign_gguf(tmp_path / "mamba.gguf", "mamba", "F32")
+    err = _fail(["import", "gguf", str(mamba), "--out", str(tmp_path / "a")], capsys)
+    assert "GGUF architecture 'mamba' is not supported — import one of llama, qwen2, gpt2" in err
+    q2 = _foreign_gguf(tmp_path / "q2.gguf", "llama", "Q2_K")
+    err = _fail(["import", "gguf", str(q2), "--out", str(tmp_path / "b")], capsys)
+    assert "tensor token_embd.weight is Q2_K, which lmstack cannot decode" in err
+    bare = _foreign_gguf(tmp_path / "bare.gguf", "llama", "F32")  # no hyper-parameters
+    err = _fail(["import", "gguf", str(bare), "--out", str(tmp_path / "c")], capsys)
+    assert "GGUF metadata lacks llama.block_count, llama.embedding_length" in err
+    int8 = tmp_path / "int8"
+    assert main(["quantize", "--model", str(folder), "--method", "int8", "--out", str(int8)]) == 0
+    capsys.readouterr()
+    err = _fail(
+        ["export", "gguf", "--model", str(int8), "--type", "q8_0", "--out", str(tmp_path / "q.gguf")], capsys
+    )
+    assert "the model is already quantized" in err and "export its float checkpoint" in err
+    assert not (tmp_path / "q.gguf").exists()
+
+
 # ---- real llama.cpp ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama_cpp():
@@ -248,8 +283,10 @@ def llama_cpp():
         if os.environ.get("CI") == "true":
             pytest.fail("llama_cpp is not importable under CI — install the test extra (llama-cpp-python)")
         pytest.skip("llama_cpp is not installed — pip install llama-cpp-python to run the llama.cpp tests")
-    # llama.cpp 0.3.36 repacks Q4_0/K-quant weights at load for AMX/AVX-512 kernels, and that path crashes
-    # on some CPUs (llama.cpp's own quantize output too); the plain CPU kernels are what we compare with.
+    # llama.cpp 0.3.36 repacks Q4_0/Q8_0/K-quant weights at load for its AMX kernels, and on AMX CPUs the
+    # first decode segfaults inside ggml_backend_amx_mul_mat — for files llama.cpp's own quantizer wrote
+    # from our F32 file too, and not for F32/F16 files, which it does not repack: llama.cpp's bug, not
+    # our files'. The plain CPU kernels are what we compare with.
     default_params = llama_cpp.llama_model_default_params
 
     def without_repacking():
@@ -326,10 +363,8 @@ def test_llama_cpp_runs_our_gguf(llama_cpp, folder, family, held_out, tmp_path, 
 
 
 def test_our_q4_k_m_file_matches_llama_cpp_quantize(llama_cpp, folder, family, tmp_path):
-    """llama.cpp's own quantizer, run on our F32 file, picks the same type for every tensor; the simple
-    formats come out bit-equal. Our K-quant search reduces sums in another order and breaks near-ties
-    differently, so its bytes differ in about half the blocks; its reconstruction error must stay
-    within 3% of llama.cpp's."""
+    """llama.cpp's own quantizer, run on our F32 file, picks the same type for every tensor and writes
+    the same bytes, K-quants included."""
     import ctypes
 
     model = from_pretrained(folder)
@@ -341,20 +376,13 @@ def test_our_q4_k_m_file_matches_llama_cpp_quantize(llama_cpp, folder, family, t
     theirs = tmp_path / "theirs.gguf"
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
     read = lambda p: {t.name: t for t in gguf.GGUFReader(str(p)).tensors}
-    source, a, b = read(f32), read(ours), read(theirs)
+    a, b = read(ours), read(theirs)
     mix_a = {n: t.tensor_type.name for n, t in a.items()}
     mix_b = {n: t.tensor_type.name for n, t in b.items()}
     assert mix_a == mix_b, {
         n: (mix_a.get(n), mix_b.get(n)) for n in mix_a.keys() | mix_b.keys() if mix_a.get(n) != mix_b.get(n)
     }
+    assert {"Q4_K", "Q6_K"} <= set(mix_b.values())
     for name, t in b.items():
-        qtype = t.tensor_type.name
         mine, ref = np.asarray(a[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)
-        if qtype in ("F32", "Q8_0", "Q5_0"):
-            assert np.array_equal(mine, ref), name
-            continue
-        x = torch.from_numpy(np.array(source[name].data, dtype=np.float32))
-        shape = tuple(x.shape)
-        err_mine = (ggml_dequantize(torch.from_numpy(mine.copy()), qtype, shape) - x).pow(2).sum()
-        err_ref = (ggml_dequantize(torch.from_numpy(ref.copy()), qtype, shape) - x).pow(2).sum()
-        assert err_mine <= 1.03 * err_ref, (name, float(err_mine / err_ref))
+        assert np.array_equal(mine, ref), (name, t.tensor_type.name)

@@ -1,9 +1,15 @@
-"""GGUF block formats against the `gguf` package: quantisers bit-equal where it has one (Q8_0, Q4_0,
-Q4_1, Q5_0, Q5_1), every dequantiser equal to its decoder. The `gguf` package has no K-quant encoder,
-so Q4_K/Q5_K/Q6_K bytes are checked by decoding them with `gguf` and by their error against the
-input; tests/interop/test_gguf.py compares them with llama.cpp's own quantiser."""
+"""GGUF block formats against the `gguf` package and llama.cpp: quantisers bit-equal to `gguf`'s where it
+has one (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), every dequantiser equal to its decoder, and every quantiser
+bit-equal to llama.cpp's reference one (`ggml_quantize_chunk` in the libggml-base that llama-cpp-python
+ships, called through ctypes), K-quants included. The llama.cpp tests skip when llama-cpp-python is not
+installed, except under CI=true, where the test extra installs it and they must run."""
 
 from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,3 +76,53 @@ def test_bad_widths_and_types_name_the_fix():
         ggml_quantize(torch.zeros(2, 256), "Q3_K")
     with pytest.raises(InputError, match="truncated"):
         ggml_dequantize(torch.zeros(100, dtype=torch.uint8), "Q8_0", (2, 64))
+
+
+# ---- llama.cpp's reference quantiser -------------------------------------------------------------
+GGML_TYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+
+
+@pytest.fixture(scope="module")
+def ggml_lib():
+    spec = importlib.util.find_spec("llama_cpp")
+    libs = sorted((Path(spec.origin).parent / "lib").glob("libggml-base.so*")) if spec else []
+    if not libs:
+        if os.environ.get("CI") == "true":
+            pytest.fail(
+                "llama.cpp's libggml-base is missing under CI — install the test extra (llama-cpp-python)"
+            )
+        pytest.skip(
+            "llama.cpp's libggml-base is not installed — pip install llama-cpp-python to compare with it"
+        )
+    lib = ctypes.CDLL(str(libs[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
+    return lib
+
+
+def _llama_cpp_quantize(lib, w: torch.Tensor, qtype: str) -> np.ndarray:
+    x = np.ascontiguousarray(w.numpy(), dtype=np.float32)
+    rows, cols = x.shape
+    block, nbytes = GGML_BLOCKS[qtype]
+    out = np.zeros((rows, cols // block * nbytes), dtype=np.uint8)
+    written = lib.ggml_quantize_chunk(
+        GGML_TYPE_IDS[qtype], x.ctypes.data, out.ctypes.data, 0, rows, cols, None
+    )
+    assert written == out.size
+    return out
+
+
+@pytest.mark.parametrize("qtype", list(GGML_TYPE_IDS))
+@pytest.mark.parametrize("scale", [0.2, 30.0, 1e-3])
+def test_quantize_bit_equal_to_llama_cpp(ggml_lib, qtype, scale):
+    """Every block byte-for-byte, over random rows at three magnitudes plus zero, constant, all-positive
+    and outlier blocks. The K-quants' search compares float32 sums, so this pins its arithmetic: summing
+    in another order, or a square root off by one ulp, changed the bytes of about half the Q4_K blocks."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.cat([_weights(rows=64, cols=1024, seed=3), torch.randn(192, 1024, generator=g)]) * scale
+    ours = ggml_quantize(w, qtype).numpy()
+    ref = _llama_cpp_quantize(ggml_lib, w, qtype)
+    nbytes = GGML_BLOCKS[qtype][1]
+    differ = (ours.reshape(-1, nbytes) != ref.reshape(-1, nbytes)).any(1)
+    assert not differ.any(), f"{qtype}: {int(differ.sum())} of {differ.size} blocks differ"

@@ -101,6 +101,8 @@ HPARAM_KEYS: dict[str, dict[str, str]] = {
     },
 }
 _FLOAT_KEYS = {"rms_norm_eps", "rope_theta", "layer_norm_epsilon"}
+# the hyper-parameters an import cannot guess (the rest have llama.cpp's defaults)
+_REQUIRED_KEYS = ("block_count", "embedding_length", "attention.head_count", "feed_forward_length")
 _HF_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
             "gpt2": ("GPT2LMHeadModel", "gpt2")}  # fmt: skip
 
@@ -229,8 +231,14 @@ def gguf_tensors(model: Any) -> dict[str, torch.Tensor]:
 
     config = model.config
     _, names, permute = ARCHITECTURES[config.family]
+    state = hf_state_dict(model)
+    if any(name.endswith(".qweight") for name in state):
+        raise InputError(
+            "the model is already quantized (lmstack int8/int4/nf4 layers) — export its float checkpoint; "
+            "--type q8_0/q4_0/q4_k_m quantizes it for llama.cpp"
+        )
     out: dict[str, torch.Tensor] = {}
-    for hf_name, tensor in hf_state_dict(model).items():
+    for hf_name, tensor in state.items():
         gguf_name = _gguf_name(hf_name, names)
         if gguf_name is None:
             raise InputError(
@@ -450,16 +458,22 @@ def import_gguf(path: str | Path, out: str | Path) -> Path:
     raw = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in raw:
         raise InputError(f"{path}: no token_embd.weight tensor — the file is not a complete {arch} model")
+    for name, t in raw.items():
+        if t.tensor_type.name not in GGML_BLOCKS:
+            raise InputError(
+                f"{path}: tensor {name} is {t.tensor_type.name}, which lmstack cannot decode — use a file of {', '.join(GGML_BLOCKS)}"
+            )
+    missing = [f"{arch}.{key}" for key in _REQUIRED_KEYS if f"{arch}.{key}" not in meta]
+    if missing:
+        raise InputError(
+            f"{path}: GGUF metadata lacks {', '.join(missing)} — the file is not a complete {arch} model; re-export it"
+        )
     hf_config = _hf_config(meta, arch, raw)
     config = config_from_hf(hf_config)
     reverse = {v: k for k, v in ARCHITECTURES[IMPORT_FAMILIES[arch]][1].items()}
     state: dict[str, torch.Tensor] = {}
     for name, t in raw.items():
         qtype = t.tensor_type.name
-        if qtype not in GGML_BLOCKS:
-            raise InputError(
-                f"{path}: tensor {name} is {qtype}, which lmstack cannot decode — use a file of {', '.join(GGML_BLOCKS)}"
-            )
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
         data = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).reshape(-1).copy())
         w = ggml_dequantize(data, qtype, shape)

@@ -21,8 +21,8 @@ fields are IEEE half. Layouts (offsets in bytes):
 Their quantizers search a few candidate scales per sub-block and keep the one with the least weighted
 squared error (llama.cpp's `make_qkx2_quants` / `make_qx_quants`); the simple formats round once.
 
-All arithmetic is float32 in the order llama.cpp's reference C uses, so Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 are
-bit-equal to it; K-quant sums are reduced in a different order, which may rarely flip a tie.
+All arithmetic is float32 in the order llama.cpp's reference C uses (sums left to right included), so
+every quantizer here writes the bytes llama.cpp's reference quantizer (no importance matrix) writes.
 """
 
 from __future__ import annotations
@@ -156,45 +156,77 @@ def _dq5_1(b: torch.Tensor) -> torch.Tensor:
 
 
 # ---- K-quants ------------------------------------------------------------------------------------
+# The K-quant searches compare float32 sums, so bit-equality with llama.cpp's reference quantizer needs
+# its arithmetic exactly: every operation rounded to float32 in C's order (no fused multiply-add), sums
+# accumulated left to right (torch's .sum() reduces pairwise and can flip a near-tie), constants divided
+# as float32 tensors (torch evaluates `c / t` as `t.reciprocal() * c`, which rounds differently), square
+# roots correctly rounded.
+def _c(value: float) -> torch.Tensor:
+    """A float32 constant, rounded once as C's float literal or int-to-float conversion is."""
+    return torch.tensor(_F32(value))
+
+
+def _seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 top to bottom, as llama.cpp's `for (...) sum += ...` loops do. The K-quant
+    searches keep blocks as columns, (block length, blocks), so each term is a contiguous row."""
+    acc = t[0]
+    for row in t[1:]:
+        acc = acc + row
+    return acc
+
+
+def _nearest_int(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's nearest_int: round half to even (its `x + 1.5 * 2^23` trick), as a float."""
+    return torch.round(x)
+
+
 def _make_qkx2(
     x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weighted least-squares (scale, -min) per row of `x` for codes in [0, nmax] (llama.cpp's
+    """Weighted least-squares (scale, -min) per column of `x` for codes in [0, nmax] (llama.cpp's
     make_qkx2_quants): start from the min/max grid, then try nstep+1 stretched grids, refit scale and
-    min in closed form for each and keep the best. Returns (scale, -min, codes)."""
-    lo = x.amin(dim=1).clamp(max=0)
-    hi = x.amax(dim=1)
-    sum_w = w.sum(1)
-    sum_x = (w * x).sum(1)
+    min in closed form for each and keep the best, re-spanning from the best min so far. Returns
+    (scale, -min, codes)."""
+    lo = x.amin(dim=0).clamp(max=0)
+    hi = x.amax(dim=0)
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
     flat = hi == lo
-    span = torch.where(flat, torch.ones_like(hi), hi - lo)
-    iscale = _F32(nmax) / span
-    scale = 1 / iscale
-    codes = torch.round(iscale[:, None] * (x - lo[:, None])).clamp(0, nmax)
-    best = (w * (scale[:, None] * codes + lo[:, None] - x) ** 2).sum(1)
+    ones = torch.ones_like(hi)
+    iscale = _c(nmax) / torch.where(flat, ones, hi - lo)
+    scale = _c(1) / iscale
+    codes = _nearest_int(iscale * (x - lo)).clamp(0, nmax)
+    diff = scale * codes + lo - x
+    best = _seq_sum(w * (diff * diff))
     for step in range(nstep + 1):
-        iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + _F32(nmax)) / span
-        cand = torch.round(iscale[:, None] * (x - lo[:, None])).clamp(0, nmax)
-        sum_l = (w * cand).sum(1)
-        sum_l2 = (w * cand * cand).sum(1)
-        sum_xl = (w * cand * x).sum(1)
+        span = torch.where(flat, ones, hi - lo)
+        iscale = _c(_F32(rmin) + _F32(rdelta) * _F32(step) + _F32(nmax)) / span
+        cand = _nearest_int(iscale * (x - lo)).clamp(0, nmax)
+        wl = w * cand
+        sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * cand), _seq_sum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
-        safe_det = torch.where(ok, det, torch.ones_like(det))
+        safe_det = torch.where(ok, det, ones)
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
         positive = this_min > 0  # the min may not move above zero: refit the scale alone
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
-        this_scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1), this_scale)
-        err = (w * (this_scale[:, None] * cand + this_min[:, None] - x) ** 2).sum(1)
-        better = ok & (err < best)
-        codes = torch.where(better[:, None], cand, codes)
+        this_scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, ones), this_scale)
+        diff = this_scale * cand + this_min - x
+        err = _seq_sum(w * (diff * diff))
+        better = ok & (err < best) & ~flat
+        codes = torch.where(better, cand, codes)
         best = torch.where(better, err, best)
         scale = torch.where(better, this_scale, scale)
         lo = torch.where(better, this_min, lo)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    codes = torch.where(flat[:, None], torch.zeros_like(codes), codes)
+    codes = torch.where(flat, torch.zeros_like(codes), codes)
     return scale, -lo, codes
+
+
+def _uint8_code(x: torch.Tensor, cap: int) -> torch.Tensor:
+    """C's `uint8_t l = nearest_int(x); l = MIN(cap, l)`: wraps negatives modulo 256 before capping."""
+    return torch.remainder(_nearest_int(x), 256).clamp(max=cap)
 
 
 def _pack_scale_min(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -219,20 +251,23 @@ def _k_codes(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> tuple[torch
     """Shared by Q4_K (nmax 15) and Q5_K (nmax 31): (n, 256) -> header bytes (n, 16), codes (n, 256)."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
-    av_x = torch.sqrt((sub * sub).sum(1) / 32)
-    weights = av_x[:, None] + sub.abs()  # weight large values more: they dominate the dot products
-    scales, mins, codes = _make_qkx2(sub, weights, nmax, rmin, 0.1, nstep)
-    scales, mins, codes = scales.reshape(n, 8), mins.reshape(n, 8), codes.reshape(n, 256)
-    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
-    inv_scale = torch.where(max_scale > 0, _F32(63) / max_scale, torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, _F32(63) / max_min, torch.zeros_like(max_min))
-    ls = torch.round(inv_scale * scales).clamp(max=63)
-    lm = torch.round(inv_min * mins).clamp(max=63)
-    d_bytes, dmin_bytes = _f16_bytes(max_scale / 63), _f16_bytes(max_min / 63)
+    cols = sub.t().contiguous()  # sub-blocks as columns
+    # sqrt in float64, then rounded: torch's vectorised float32 sqrt is not always correctly rounded
+    av_x = torch.sqrt((_seq_sum(cols * cols) / _c(32)).double()).float()
+    weights = av_x + cols.abs()  # weight large values more: they dominate the dot products
+    scales, mins, codes = _make_qkx2(cols, weights, nmax, rmin, 0.1, nstep)
+    scales, mins, codes = scales.reshape(n, 8), mins.reshape(n, 8), codes.t().reshape(n, 256)
+    max_scale = scales.amax(1, keepdim=True).clamp(min=0)
+    max_min = mins.amax(1, keepdim=True).clamp(min=0)
+    zero = torch.zeros_like(max_scale)
+    inv_scale = torch.where(max_scale > 0, _c(63) / torch.where(max_scale > 0, max_scale, 1), zero)
+    inv_min = torch.where(max_min > 0, _c(63) / torch.where(max_min > 0, max_min, 1), zero)
+    ls, lm = _uint8_code(inv_scale * scales, 63), _uint8_code(inv_min * mins, 63)
+    d_bytes, dmin_bytes = _f16_bytes(max_scale / _c(63)), _f16_bytes(max_min / _c(63))
     d = _f16_value(d_bytes) * ls  # (n, 8): what the decoder will use
     dm = _f16_value(dmin_bytes) * lm
     safe_d = torch.where(d == 0, torch.ones_like(d), d)
-    requant = torch.round((sub.reshape(n, 8, 32) + dm[..., None]) / safe_d[..., None]).clamp(0, nmax)
+    requant = _nearest_int((sub.reshape(n, 8, 32) + dm[..., None]) / safe_d[..., None]).clamp(0, nmax)
     codes = torch.where((d != 0)[..., None], requant, codes.reshape(n, 8, 32)).reshape(n, 256)
     header = torch.cat([d_bytes, dmin_bytes, _pack_scale_min(ls, lm)], dim=1)
     return header, codes.to(torch.uint8)
@@ -255,49 +290,50 @@ def _q5_k(x: torch.Tensor) -> torch.Tensor:
 
 
 def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric codes in [-nmax, nmax-1] per row, weighted by x² (llama.cpp's make_qx_quants with
+    """Symmetric codes in [-nmax, nmax-1] per column, weighted by x² (llama.cpp's make_qx_quants with
     rmse_type 1): the absmax grid and 18 stretched ones, keeping the best least-squares fit.
     Returns (scale, codes + nmax)."""
-    amax = x.abs().amax(dim=1)
+    amax = x.abs().amax(dim=0)
     tiny = amax < 1e-15
-    mx = _absmax_signed(x).squeeze(1)
+    mx = _absmax_signed(x.t()).squeeze(1)
     mx = torch.where(tiny, torch.ones_like(mx), mx)
-    w = x * x
+    wx = x * x * x  # (w * x) with w = x²: the order C multiplies in
 
     def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lvl = torch.round(iscale[:, None] * x).clamp(-nmax, nmax - 1)
-        return lvl, (w * x * lvl).sum(1), (w * lvl * lvl).sum(1)
+        lvl = _nearest_int(iscale * x).clamp(-nmax, nmax - 1)
+        return lvl, _seq_sum(wx * lvl), _seq_sum(x * x * lvl * lvl)
 
-    iscale = _F32(-nmax) / mx
+    iscale = _c(-nmax) / mx
     lvl, sumlx, suml2 = fit(iscale)
-    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1), torch.zeros_like(sumlx))
+    ones = torch.ones_like(suml2)
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, ones), torch.zeros_like(sumlx))
     best = scale * sumlx
     for step in [s for s in range(-9, 10) if s != 0]:
-        iscale = -(_F32(nmax) + _F32(0.1) * _F32(step)) / mx
+        iscale = -_c(_F32(nmax) + _F32(0.1) * _F32(step)) / mx
         cand, c_lx, c_l2 = fit(iscale)
         better = (c_l2 > 0) & (c_lx * c_lx > best * c_l2)
-        c_scale = c_lx / torch.where(c_l2 > 0, c_l2, 1)
-        lvl = torch.where(better[:, None], cand, lvl)
+        c_scale = c_lx / torch.where(c_l2 > 0, c_l2, ones)
+        lvl = torch.where(better, cand, lvl)
         scale = torch.where(better, c_scale, scale)
         best = torch.where(better, c_scale * c_lx, best)
     scale = torch.where(tiny, torch.zeros_like(scale), scale)
-    codes = torch.where(tiny[:, None], torch.zeros_like(lvl), lvl + nmax)
+    codes = torch.where(tiny, torch.zeros_like(lvl), lvl + nmax)
     return scale, codes
 
 
 def _q6_k(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     sub = x.reshape(n * 16, 16)
-    scales, codes = _make_qx(sub, 32)
-    scales, codes = scales.reshape(n, 16), codes.reshape(n, 16, 16)
+    scales, codes = _make_qx(sub.t().contiguous(), 32)
+    scales, codes = scales.reshape(n, 16), codes.t().reshape(n, 16, 16)
     max_scale = _absmax_signed(scales)  # (n, 1)
     zero_block = max_scale.abs() < 1e-15
-    iscale = _F32(-128) / torch.where(zero_block, torch.ones_like(max_scale), max_scale)
-    d_bytes = _f16_bytes(1 / iscale)
-    sc = torch.round(iscale * scales).clamp(max=127)
+    iscale = _c(-128) / torch.where(zero_block, torch.ones_like(max_scale), max_scale)
+    d_bytes = _f16_bytes(_c(1) / iscale)
+    sc = _nearest_int(iscale * scales).clamp(max=127)
     d = _f16_value(d_bytes) * sc
     safe_d = torch.where(d == 0, torch.ones_like(d), d)
-    requant = torch.round(sub.reshape(n, 16, 16) / safe_d[..., None]).clamp(-32, 31) + 32
+    requant = _nearest_int(sub.reshape(n, 16, 16) / safe_d[..., None]).clamp(-32, 31) + 32
     q = torch.where((d != 0)[..., None], requant, codes).reshape(n, 2, 4, 32).to(torch.uint8)
     # per half of 128: quarter k of 32 values; ql holds quarters (0, 2) and (1, 3) as nibble pairs
     low = q & 0x0F
