@@ -9,10 +9,12 @@ A `QuantLinear` stores its matrix in one of three forms (buffers, saved as `<lin
 
 and computes `x @ Wᵀ + b`. Decoding one token is a matrix-vector product whose time is the time to
 read the weights, so fewer bytes per weight is the speedup — provided the matmul reads the integers
-directly instead of first writing a float copy. On CPU, int8 and int4 run through PyTorch's packed
-weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, as gpt-fast does), with
-activations cast to bfloat16 around the call: those kernels are several times slower on float32
-inputs. Everything else (NF4, CUDA, a shape the int4 kernel refuses, a call that needs gradients
+directly instead of first writing a float copy. On CPU, a batch of up to `SMALL_BATCH` rows (decoding)
+runs through our own kernels (`lmstack.compress.kernels`: float32 arithmetic on a layout repacked for
+streaming, compiled on first use); larger batches (prefill), or a machine where those cannot be built,
+use PyTorch's packed weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, as
+gpt-fast does), with activations cast to bfloat16 around the call: those kernels are several times
+slower on float32 inputs. Everything else (NF4, CUDA, a shape the int4 kernel refuses, a call that needs gradients
 with respect to x) dequantises the matrix and multiplies: correct everywhere, fast nowhere.
 
 The scheme is a property of the checkpoint, not of its file name: `quantization_config(model)` is
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack.compress import kernels
 from lmstack.errors import InputError
 from lmstack.quant import (
     Int4Tensor,
@@ -54,6 +57,9 @@ QUANT_TENSORS = ("qweight", "scales", "zeros", "absmax_scale", "absmax_offset")
 # the projections a quantizer targets; embeddings, norms, MoE routers and (by default) the head stay float
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 _NF4_DOUBLE_BLOCK = 256
+# rows (tokens) up to which our kernels run a product; they read the weights once per call and
+# redo the arithmetic per row, so past a few rows PyTorch's tiled kernels win
+SMALL_BATCH = 8
 # byte -> its two NF4 values, high nibble first (the packing of lmstack.quant.nf4)
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)
 
@@ -112,7 +118,10 @@ class QuantLinear(nn.Module):
             if bias
             else None
         )
-        self._packed: tuple[torch.Tensor, ...] | None = None  # the CPU kernel's layout, built on first use
+        self._packed: tuple[torch.Tensor, ...] | None = (
+            None  # PyTorch's CPU kernel's layout, built on first use
+        )
+        self._own: kernels.PackedInt8 | kernels.PackedInt4 | None = None  # our kernels' layout, likewise
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantLinear:
@@ -169,6 +178,11 @@ class QuantLinear(nn.Module):
 
     # ---- the fast path ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._uses_own_kernel(x):
+            own = self._own_weights()
+            if isinstance(own, kernels.PackedInt8):
+                return kernels.int8_matmul(x, own, self.bias).to(x.dtype)
+            return kernels.int4_matmul(x, own, self.bias).to(x.dtype)
         if not self._uses_packed_kernel(x):
             return self.reference_forward(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -180,13 +194,28 @@ class QuantLinear(nn.Module):
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    def _uses_packed_kernel(self, x: torch.Tensor) -> bool:
+    def _uses_packed_kernel(self, x: torch.Tensor, *, any_width: bool = False) -> bool:
         if x.device.type != "cpu" or self.scheme.method == "nf4" or not x.is_floating_point():
             return False
         if torch.is_grad_enabled() and x.requires_grad:  # the packed kernels have no backward
             return False
-        # the int4 packing kernel tiles the output dimension by 16
-        return self.scheme.method == "int8" or self.out_features % 16 == 0
+        # PyTorch's int4 packing kernel tiles the output dimension by 16 (ours takes any width)
+        return any_width or self.scheme.method == "int8" or self.out_features % 16 == 0
+
+    def _uses_own_kernel(self, x: torch.Tensor) -> bool:
+        return (
+            self._uses_packed_kernel(x, any_width=True)
+            and x.numel() <= SMALL_BATCH * self.in_features
+            and kernels.available()
+        )
+
+    def _own_weights(self) -> kernels.PackedInt8 | kernels.PackedInt4:
+        if self._own is None:
+            if self.scheme.method == "int8":
+                self._own = kernels.pack_int8(self.qweight, self.scales)
+            else:
+                self._own = kernels.pack_int4(self.qweight, self.scales, self.zeros, self.scheme.group_size)
+        return self._own
 
     def _packed_weights(self) -> tuple[torch.Tensor, ...]:
         if self._packed is None:
@@ -201,11 +230,11 @@ class QuantLinear(nn.Module):
         return self._packed
 
     def _apply(self, fn, recurse: bool = True):
-        self._packed = None  # a new device or dtype: repack from the buffers on next use
+        self._packed = self._own = None  # a new device or dtype: repack from the buffers on next use
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._packed = None
+        self._packed = self._own = None
         super()._load_from_state_dict(*args, **kwargs)
 
 

@@ -1,0 +1,122 @@
+"""Our CPU kernels for batch-1 (small-M) products with int8 and int4 weights (`qgemv.c`).
+
+Decoding one token reads every weight once; PyTorch's packed kernels stream int8 at about 60% of the
+rate float32 GEMV reaches and need bfloat16 activations. These read a layout repacked for streaming
+(blocks of 4 rows interleaved 16 bytes at a time, so a pass reads memory front to back, with software
+prefetch) and compute in float32 on exactly converted integers: the result is "dequantise, then
+multiply" up to the order of float32 additions.
+
+`pack_int8` / `pack_int4` build that layout from a `QuantLinear`'s buffers (the on-disk format is
+unchanged); `int8_matmul` / `int4_matmul` run it. `available()` is False when the library cannot be
+built here (see `build.load`); callers then use PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmstack.compress.kernels.build import load
+
+ROWS = 4  # rows per interleaved block (qgemv.c's ROWS)
+SUBBLOCK = 32  # int4 inputs per 16-byte step
+
+
+@dataclass(frozen=True)
+class PackedInt8:
+    weight: torch.Tensor  # int8, blocks of ROWS rows interleaved by 16 inputs
+    scale: torch.Tensor  # (N,) float32
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class PackedInt4:
+    weight: torch.Tensor  # uint8, blocks of ROWS rows interleaved by 32 inputs (16 bytes)
+    scale: torch.Tensor  # float32 per (block, group, row)
+    offset: torch.Tensor  # float32 per (block, group, row): −zero·scale
+    out_features: int
+    in_features: int
+    group_size: int
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _interleave(rows: torch.Tensor, step: int) -> torch.Tensor:
+    """(N, C) -> flat blocks of ROWS rows, `step` columns of each row at a time (rows zero-padded)."""
+    n, c = rows.shape
+    rows = F.pad(rows, (0, 0, 0, -n % ROWS))
+    return rows.reshape(-1, ROWS, c // step, step).transpose(1, 2).contiguous().reshape(-1)
+
+
+def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> PackedInt8:
+    """Our int8 (N, K) codes and per-row scales in the kernel's layout (inputs zero-padded to 16)."""
+    n, k = qweight.shape
+    w = F.pad(qweight.view(torch.uint8), (0, -k % 16)).view(torch.int8)
+    return PackedInt8(_interleave(w, 16), scales.float().contiguous(), n, k)
+
+
+def pack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> PackedInt4:
+    """Our int4 (codes two a byte, even input low; w = (q − z)·s per group) in the kernel's layout:
+    per 32 inputs, byte j holds input j (low nibble) and input j + 16 (high), and w = q·s + offset
+    with offset = −z·s in float32."""
+    from lmstack.quant.integer import int4_unpack
+
+    n = packed.shape[0]
+    codes = int4_unpack(packed).reshape(n, -1, 2, SUBBLOCK // 2)
+    nibbles = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n, -1)
+    s = scales.float()
+    offset = -zeros.float() * s
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:
+        return _interleave(t, 1)  # (block, group, row)
+
+    return PackedInt4(
+        _interleave(nibbles, SUBBLOCK // 2),
+        per_block(s),
+        per_block(offset),
+        n,
+        nibbles.shape[1] * 2,
+        group_size,
+    )
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    return x.reshape(-1, in_features).to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def int8_matmul(x: torch.Tensor, p: PackedInt8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
+    lib = load()
+    assert lib is not None, "the kernels are not available here — check kernels.available() first"
+    rows = _rows(x, p.in_features)
+    y = torch.empty(rows.shape[0], p.out_features, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    lib.lm_int8_gemm(
+        rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), p.scale.data_ptr(), _ptr(b),
+        y.data_ptr(), p.out_features, torch.get_num_threads(),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], p.out_features)
+
+
+def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
+    lib = load()
+    assert lib is not None, "the kernels are not available here — check kernels.available() first"
+    rows = _rows(x, p.in_features)
+    y = torch.empty(rows.shape[0], p.out_features, dtype=torch.float32)
+    xsum = torch.empty(rows.shape[0], p.in_features // p.group_size, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    lib.lm_int4_gemm(
+        rows.data_ptr(), rows.shape[0], p.in_features, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(),
+        p.offset.data_ptr(), _ptr(b), y.data_ptr(), p.out_features, xsum.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], p.out_features)
