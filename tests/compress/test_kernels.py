@@ -17,6 +17,7 @@ from torch import nn
 
 from lmstack.compress import QuantLinear, QuantScheme, kernels, quantize
 from lmstack.compress.kernels import build
+from lmstack.compress.linear import DecodeHead
 from lmstack.config import ModelConfig
 from lmstack.infer import generate
 from lmstack.model import build_model
@@ -188,8 +189,8 @@ def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, fresh_load, t
 
 @needs_kernels
 def test_quantized_model_decodes_through_our_kernels():
-    """Greedy decoding of a quantized model: the same tokens as its dequantised float twin, and
-    small-batch logits within float32 rounding of it."""
+    """Greedy decoding of a quantized model: the same tokens as its dequantised float twin (with the
+    head rounded to bfloat16), and small-batch logits within float32 rounding of it."""
     config = ModelConfig(family="llama", vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
                          d_ff=256, max_seq_len=64)  # fmt: skip
     model = build_model(config, seed=0).eval()
@@ -210,6 +211,8 @@ def test_quantized_model_decodes_through_our_kernels():
             if m.bias is not None:
                 state[f"{name}.bias"] = m.bias
     twin.load_state_dict(state)
+    # the quantized model's float head multiplies by its bfloat16 copy at decode (DecodeHead)
+    twin.lm_head.weight = nn.Parameter(twin.lm_head.weight.detach().to(torch.bfloat16).float())
     prompt = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         ours = generate(quantized, prompt, max_new_tokens=6, stop_ids=())
@@ -219,3 +222,46 @@ def test_quantized_model_decodes_through_our_kernels():
     assert ours == ref
     assert all(m._own is not None for m in quantized.modules() if isinstance(m, QuantLinear))
     assert (logits_ours - logits_ref).abs().max() <= 1e-4 * logits_ref.abs().max()
+
+
+# ---- the bfloat16 head ----------------------------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 16), (13, 100), (1000, 96)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bf16_equals_rounded_weight_matmul(shape, rows):
+    w, x = _weight(*shape, seed=7), _x(rows, shape[1])
+    _check(kernels.bf16_matmul(x, kernels.pack_bf16(w)), x, w.to(torch.bfloat16).float())
+
+
+def _tied_model():
+    config = ModelConfig(family="llama", vocab_size=300, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1,
+                         d_ff=128, max_seq_len=32, tie_embeddings=True)  # fmt: skip
+    return build_model(config, seed=0).eval()
+
+
+@needs_kernels
+def test_quantized_model_head_decodes_in_bf16_and_stays_tied(tmp_path):
+    from lmstack.interop.hf import from_pretrained, save_pretrained
+
+    float_model = _tied_model()
+    keys = set(float_model.state_dict())
+    model = quantize(float_model, "int8")
+    head = model.lm_head
+    assert isinstance(head, DecodeHead) and head.weight is model.tok_emb.weight
+    state = model.state_dict()  # the copy is never saved, and a tied head is stored once, as before
+    assert "lm_head.weight" not in state and not any("_copy" in k for k in state)
+    assert {k for k in keys if not k.startswith("blocks.")} <= set(state)
+    h = _x(3, 64)
+    with torch.no_grad():
+        y = head(h)
+        _check(y, h, head.weight.detach().to(torch.bfloat16).float())
+        big = _x(20, 64)  # prefill-sized: the float32 weight
+        assert torch.equal(head(big), big @ head.weight.t())
+        # a changed weight is seen at once: the copy is keyed by the tensor's version
+        model.tok_emb.weight.mul_(2)
+        _check(head(h), h, head.weight.detach().to(torch.bfloat16).float())
+    save_pretrained(model, tmp_path / "q")
+    loaded = from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert isinstance(loaded.lm_head, DecodeHead) and loaded.lm_head.weight is loaded.tok_emb.weight
+    with torch.no_grad():
+        assert torch.equal(loaded.lm_head(h), head(h))

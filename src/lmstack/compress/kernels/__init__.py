@@ -42,6 +42,13 @@ class PackedInt4:
     group_size: int
 
 
+@dataclass(frozen=True)
+class PackedBF16:
+    weight: torch.Tensor  # bfloat16, the int8 layout
+    out_features: int
+    in_features: int
+
+
 def available() -> bool:
     return load() is not None
 
@@ -58,6 +65,13 @@ def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> PackedInt8:
     n, k = qweight.shape
     w = F.pad(qweight.view(torch.uint8), (0, -k % 16)).view(torch.int8)
     return PackedInt8(_interleave(w, 16), scales.float().contiguous(), n, k)
+
+
+def pack_bf16(weight: torch.Tensor) -> PackedBF16:
+    """A float (N, K) matrix rounded to bfloat16, in the int8 layout (inputs zero-padded to 16)."""
+    n, k = weight.shape
+    w = F.pad(weight.detach().to(torch.bfloat16), (0, -k % 16))
+    return PackedBF16(_interleave(w, 16), n, k)
 
 
 def pack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> PackedInt4:
@@ -118,5 +132,19 @@ def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None
     lib.lm_int4_gemm(
         rows.data_ptr(), rows.shape[0], p.in_features, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(),
         p.offset.data_ptr(), _ptr(b), y.data_ptr(), p.out_features, xsum.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], p.out_features)
+
+
+def bf16_matmul(x: torch.Tensor, p: PackedBF16, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ Wᵀ (+ bias) in float32 with W's bfloat16 values, shape (..., N)."""
+    lib = load()
+    assert lib is not None, "the kernels are not available here — check kernels.available() first"
+    rows = _rows(x, p.in_features)
+    y = torch.empty(rows.shape[0], p.out_features, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    lib.lm_bf16_gemm(
+        rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), _ptr(b), y.data_ptr(),
+        p.out_features, torch.get_num_threads(),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], p.out_features)

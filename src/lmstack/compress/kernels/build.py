@@ -34,6 +34,7 @@ _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 SIGNATURES = {
     "lm_int8_gemm": [_P, _L, _L, _P, _P, _P, _P, _L, _I],
     "lm_int4_gemm": [_P, _L, _L, _L, _P, _P, _P, _P, _P, _L, _P, _I],
+    "lm_bf16_gemm": [_P, _L, _L, _P, _P, _P, _L, _I],
 }
 
 
