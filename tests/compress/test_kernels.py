@@ -17,7 +17,7 @@ from torch import nn
 
 from lmstack.compress import QuantLinear, QuantScheme, kernels, quantize
 from lmstack.compress.kernels import build
-from lmstack.compress.linear import DecodeHead
+from lmstack.compress.linear import DecodeHead, FusedQuant
 from lmstack.config import ModelConfig
 from lmstack.infer import generate
 from lmstack.model import build_model
@@ -106,8 +106,9 @@ def test_unaligned_pointers(offset):
 
 
 @needs_kernels
-def test_thread_counts_give_identical_results():
+def test_thread_counts_give_identical_results(monkeypatch):
     """Rows are split between threads; each output is one thread's sum, so the count changes nothing."""
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WEIGHTS", 0)  # this small matrix too is split
     w, x = _weight(301, 512, seed=4), _x(3, 512)
     t8, t4 = int8_quantize(w), int4_quantize(w, 64)
     p8, p4 = kernels.pack_int8(t8.q, t8.scale), kernels.pack_int4(t4.packed, t4.scale, t4.zero, 64)
@@ -220,7 +221,11 @@ def test_quantized_model_decodes_through_our_kernels():
         tail = torch.tensor([list(ours[0])[-6:]])  # 6 rows: within our kernels' batch size
         logits_ours, logits_ref = quantized(tail), twin(tail)
     assert ours == ref
-    assert all(m._own is not None for m in quantized.modules() if isinstance(m, QuantLinear))
+    # o and down through our kernel; q, k, v and gate, up through one fused call each
+    for block in quantized.blocks:
+        assert block.attn.o._own is not None and block.mlp.down._own is not None
+        assert isinstance(block.attn.fused_qkv, FusedQuant) and block.attn.fused_qkv._packed is not None
+        assert isinstance(block.mlp.fused_gate_up, FusedQuant) and block.mlp.fused_gate_up._packed is not None
     assert (logits_ours - logits_ref).abs().max() <= 1e-4 * logits_ref.abs().max()
 
 
@@ -265,3 +270,27 @@ def test_quantized_model_head_decodes_in_bf16_and_stays_tied(tmp_path):
     assert isinstance(loaded.lm_head, DecodeHead) and loaded.lm_head.weight is loaded.tok_emb.weight
     with torch.no_grad():
         assert torch.equal(loaded.lm_head(h), head(h))
+
+
+@needs_kernels
+@pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 64)])
+def test_fused_products_equal_the_separate_ones(method, group_size):
+    config = ModelConfig(family="llama", vocab_size=64, d_model=128, n_layers=1, n_heads=4, n_kv_heads=2,
+                         d_ff=192, max_seq_len=32, qkv_bias=True)  # fmt: skip
+    model = quantize(build_model(config, seed=0).eval(), method, group_size=group_size)
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    x = _x(2, 128).reshape(1, 2, 128)
+    with torch.no_grad():
+        qkv = attn.fused_qkv(x)
+        gate_up = mlp.fused_gate_up(x)
+        separate_qkv = torch.cat([attn.q(x), attn.k(x), attn.v(x)], -1)
+        separate_gate_up = torch.cat([mlp.gate(x), mlp.up(x)], -1)
+        # each row of the stack is computed as by its own module: equal to the last bit
+        assert torch.equal(qkv, separate_qkv) and torch.equal(gate_up, separate_gate_up)
+        # prefill-sized batches run the modules one by one
+        big = _x(40, 128)
+        assert torch.equal(attn.fused_qkv(big), torch.cat([attn.q(big), attn.k(big), attn.v(big)], -1))
+    # a replaced projection (a LoRA wrapper, say) is no longer served by the fused product
+    assert attn.fused_qkv.serves(attn.q, attn.k, attn.v)
+    attn.k = nn.Identity()
+    assert not attn.fused_qkv.serves(attn.q, attn.k, attn.v)

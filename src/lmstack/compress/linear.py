@@ -34,6 +34,8 @@ from torch import nn
 
 from lmstack.compress import kernels
 from lmstack.errors import InputError
+from lmstack.model.attention import Attention
+from lmstack.model.mlp import MLP
 from lmstack.quant import (
     Int4Tensor,
     Int8Tensor,
@@ -179,10 +181,7 @@ class QuantLinear(nn.Module):
     # ---- the fast path ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_own_kernel(x):
-            own = self._own_weights()
-            if isinstance(own, kernels.PackedInt8):
-                return kernels.int8_matmul(x, own, self.bias).to(x.dtype)
-            return kernels.int4_matmul(x, own, self.bias).to(x.dtype)
+            return _own_matmul(x, self._own_weights(), self.bias)
         if not self._uses_packed_kernel(x):
             return self.reference_forward(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -211,10 +210,7 @@ class QuantLinear(nn.Module):
 
     def _own_weights(self) -> kernels.PackedInt8 | kernels.PackedInt4:
         if self._own is None:
-            if self.scheme.method == "int8":
-                self._own = kernels.pack_int8(self.qweight, self.scales)
-            else:
-                self._own = kernels.pack_int4(self.qweight, self.scales, self.zeros, self.scheme.group_size)
+            self._own = _own_pack(self.scheme, self.qweight, self.scales, getattr(self, "zeros", None))
         return self._own
 
     def _packed_weights(self) -> tuple[torch.Tensor, ...]:
@@ -236,6 +232,86 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._packed = self._own = None
         super()._load_from_state_dict(*args, **kwargs)
+
+
+def _own_pack(
+    scheme: QuantScheme, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
+) -> kernels.PackedInt8 | kernels.PackedInt4:
+    if scheme.method == "int8":
+        return kernels.pack_int8(qweight, scales)
+    assert zeros is not None and scheme.group_size is not None
+    return kernels.pack_int4(qweight, scales, zeros, scheme.group_size)
+
+
+def _own_matmul(
+    x: torch.Tensor, packed: kernels.PackedInt8 | kernels.PackedInt4, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if isinstance(packed, kernels.PackedInt8):
+        return kernels.int8_matmul(x, packed, bias).to(x.dtype)
+    return kernels.int4_matmul(x, packed, bias).to(x.dtype)
+
+
+class FusedQuant:
+    """QuantLinears that read the same input — attention's q, k, v; a gated MLP's gate and up —
+    multiplied by our kernel as one matrix, their rows stacked: one call and one pass over the
+    weights instead of two or three (a deep, thin model's decode step is mostly such small calls).
+    The modules stay in place; the owner asks `serves(...)` with its current modules, so replacing
+    one (a LoRA wrapper) turns the fused product off. Batches our kernels do not take run the
+    modules one by one. The stacked copy is built on first use and rebuilt when a module's tensors
+    change (it replaces, not adds to, the modules' own packed copies while decoding)."""
+
+    def __init__(self, modules: tuple[QuantLinear, ...]):
+        self.modules = modules
+        self._packed: tuple[tuple, kernels.PackedInt8 | kernels.PackedInt4, torch.Tensor | None] | None = None
+
+    @classmethod
+    def of(cls, *modules: nn.Module | None) -> FusedQuant | None:
+        """A fused product of `modules`, or None where they are not int8/int4 QuantLinears of one scheme."""
+        if not all(isinstance(m, QuantLinear) for m in modules):
+            return None
+        first = modules[0]
+        if first.scheme.method not in ("int8", "int4") or any(
+            m.scheme != first.scheme or m.in_features != first.in_features for m in modules
+        ):
+            return None
+        return cls(modules)
+
+    def serves(self, *modules: nn.Module) -> bool:
+        return len(modules) == len(self.modules) and all(a is b for a, b in zip(modules, self.modules))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.modules[0]._uses_own_kernel(x):
+            return torch.cat([m(x) for m in self.modules], dim=-1)
+        tensors = [t for m in self.modules for t in (m.qweight, m.scales, getattr(m, "zeros", None), m.bias)]
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, *self._stack())
+        return _own_matmul(x, self._packed[1], self._packed[2])
+
+    def _stack(self) -> tuple[kernels.PackedInt8 | kernels.PackedInt4, torch.Tensor | None]:
+        ms = self.modules
+        zeros = torch.cat([m.zeros for m in ms]) if ms[0].scheme.method == "int4" else None
+        packed = _own_pack(
+            ms[0].scheme, torch.cat([m.qweight for m in ms]), torch.cat([m.scales for m in ms]), zeros
+        )
+        if all(m.bias is None for m in ms):
+            return packed, None
+        bias = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in ms]
+        return packed, torch.cat([b.detach().float() for b in bias])
+
+
+def fuse_quantized(model: nn.Module) -> int:
+    """Give every attention whose q, k, v (and every gated MLP whose gate, up) are int8/int4
+    QuantLinears a `FusedQuant` of them; returns how many were fused."""
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_qkv = FusedQuant.of(module.q, module.k, module.v) or module.fused_qkv
+            fused += isinstance(module.fused_qkv, FusedQuant)
+        elif isinstance(module, MLP) and module.gate is not None:
+            module.fused_gate_up = FusedQuant.of(module.gate, module.up)
+            fused += module.fused_gate_up is not None
+    return fused
 
 
 class DecodeHead(nn.Linear):
@@ -383,6 +459,7 @@ def swap(model: nn.Module, scheme: QuantScheme, *, include_head: bool = False) -
     for name, linear in targets:
         _replace(model, name, QuantLinear.from_linear(linear, scheme))
     use_decode_head(model)
+    fuse_quantized(model)
     return model
 
 
@@ -450,3 +527,4 @@ def prepare_quantized(model: nn.Module, config: dict[str, Any], *, dtype: torch.
             ),
         )
     use_decode_head(model)
+    fuse_quantized(model)

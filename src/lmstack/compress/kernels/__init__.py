@@ -22,6 +22,9 @@ from lmstack.compress.kernels.build import load
 
 ROWS = 4  # rows per interleaved block (qgemv.c's ROWS)
 SUBBLOCK = 32  # int4 inputs per 16-byte step
+# weights below which a product runs on one thread: waking a second thread costs microseconds on an
+# idle machine and milliseconds on a busy one, more than a product of a quarter million weights takes
+PARALLEL_MIN_WEIGHTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ def pack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     )
 
 
+def _threads(out_features: int, in_features: int) -> int:
+    return torch.get_num_threads() if out_features * in_features >= PARALLEL_MIN_WEIGHTS else 1
+
+
 def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.reshape(-1, in_features).to(torch.float32).contiguous()
 
@@ -116,7 +123,7 @@ def int8_matmul(x: torch.Tensor, p: PackedInt8, bias: torch.Tensor | None = None
     b = None if bias is None else bias.float().contiguous()
     lib.lm_int8_gemm(
         rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), p.scale.data_ptr(), _ptr(b),
-        y.data_ptr(), p.out_features, torch.get_num_threads(),
+        y.data_ptr(), p.out_features, _threads(p.out_features, p.in_features),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], p.out_features)
 
@@ -131,7 +138,8 @@ def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None
     b = None if bias is None else bias.float().contiguous()
     lib.lm_int4_gemm(
         rows.data_ptr(), rows.shape[0], p.in_features, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(),
-        p.offset.data_ptr(), _ptr(b), y.data_ptr(), p.out_features, xsum.data_ptr(), torch.get_num_threads(),
+        p.offset.data_ptr(), _ptr(b), y.data_ptr(), p.out_features, xsum.data_ptr(),
+        _threads(p.out_features, p.in_features),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], p.out_features)
 
@@ -145,6 +153,6 @@ def bf16_matmul(x: torch.Tensor, p: PackedBF16, bias: torch.Tensor | None = None
     b = None if bias is None else bias.float().contiguous()
     lib.lm_bf16_gemm(
         rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), _ptr(b), y.data_ptr(),
-        p.out_features, torch.get_num_threads(),
+        p.out_features, _threads(p.out_features, p.in_features),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], p.out_features)
