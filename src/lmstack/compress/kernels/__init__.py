@@ -3,8 +3,12 @@
 Decoding one token reads every weight once; PyTorch's packed kernels stream int8 at about 60% of the
 rate float32 GEMV reaches and need bfloat16 activations. These read a layout repacked for streaming
 (blocks of 4 rows interleaved 16 bytes at a time, so a pass reads memory front to back, with software
-prefetch) and compute in float32 on exactly converted integers: the result is "dequantise, then
-multiply" up to the order of float32 additions.
+prefetch). int8 and the bfloat16 head compute in float32 on exactly converted weights: the result is
+"dequantise, then multiply" up to the order of float32 additions. int4 first rounds the activation
+to int8 per 32 inputs (`quantize_activations`, llama.cpp's Q8_0 treatment of activations), so that
+one VNNI instruction multiplies 64 codes: the result is "dequantise, then multiply" applied to the
+rounded activation (relative error per element ≤ 1/254 of its block's largest magnitude, the order
+of PyTorch's bfloat16 activations).
 
 `pack_int8` / `pack_int4` build that layout from a `QuantLinear`'s buffers (the on-disk format is
 unchanged); `int8_matmul` / `int4_matmul` run it. `available()` is False when the library cannot be
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from lmstack.compress.kernels.build import load
 
 ROWS = 4  # rows per interleaved block (qgemv.c's ROWS)
-SUBBLOCK = 32  # int4 inputs per 16-byte step
+SUBBLOCK = 32  # int4 inputs per 16-byte step, and per int8 activation step
 # weights below which a product runs on one thread: waking a second thread costs microseconds on an
 # idle machine and milliseconds on a busy one, more than a product of a quarter million weights takes
 PARALLEL_MIN_WEIGHTS = 1 << 18
@@ -128,22 +132,6 @@ def int8_matmul(x: torch.Tensor, p: PackedInt8, bias: torch.Tensor | None = None
     return y.reshape(*x.shape[:-1], p.out_features)
 
 
-def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
-    lib = load()
-    assert lib is not None, "the kernels are not available here — check kernels.available() first"
-    rows = _rows(x, p.in_features)
-    y = torch.empty(rows.shape[0], p.out_features, dtype=torch.float32)
-    xsum = torch.empty(rows.shape[0], p.in_features // p.group_size, dtype=torch.float32)
-    b = None if bias is None else bias.float().contiguous()
-    lib.lm_int4_gemm(
-        rows.data_ptr(), rows.shape[0], p.in_features, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(),
-        p.offset.data_ptr(), _ptr(b), y.data_ptr(), p.out_features, xsum.data_ptr(),
-        _threads(p.out_features, p.in_features),
-    )  # fmt: skip
-    return y.reshape(*x.shape[:-1], p.out_features)
-
-
 def bf16_matmul(x: torch.Tensor, p: PackedBF16, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ Wᵀ (+ bias) in float32 with W's bfloat16 values, shape (..., N)."""
     lib = load()
@@ -154,5 +142,30 @@ def bf16_matmul(x: torch.Tensor, p: PackedBF16, bias: torch.Tensor | None = None
     lib.lm_bf16_gemm(
         rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), _ptr(b), y.data_ptr(),
         p.out_features, _threads(p.out_features, p.in_features),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], p.out_features)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """The activations int4_matmul multiplies by: x rounded to int8 per 32 inputs (step amax/127),
+    as float32 values (the same operations as the kernel, so the same values)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
+
+
+def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """quantize_activations(x) (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
+    lib = load()
+    assert lib is not None, "the kernels are not available here — check kernels.available() first"
+    rows = _rows(x, p.in_features)
+    m, k = rows.shape
+    scratch = torch.empty(-(-m * k // 64) * 16 + m * (k // 32 + k // p.group_size), dtype=torch.float32)
+    y = torch.empty(m, p.out_features, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    lib.lm_int4q8_gemm(
+        rows.data_ptr(), m, k, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(), p.offset.data_ptr(),
+        _ptr(b), y.data_ptr(), p.out_features, scratch.data_ptr(), _threads(p.out_features, p.in_features),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], p.out_features)

@@ -11,7 +11,7 @@ reuses it): our parallel regions run on PyTorch's OpenMP threads rather than on 
 would compete with them for the cores.
 
 `load()` returns None, and the quantized linears keep PyTorch's kernels, when there is no compiler,
-the CPU is not x86-64 with AVX-512, the build fails, or `LMSTACK_KERNELS=0` is set.
+the CPU is not x86-64 with AVX-512 (BW and VNNI), the build fails, or `LMSTACK_KERNELS=0` is set.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("qgemv.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-ABI = 1  # lm_kernel_abi() of the source this module's signatures describe
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
+ABI = 2  # lm_kernel_abi() of the source this module's signatures describe
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 SIGNATURES = {
     "lm_int8_gemm": [_P, _L, _L, _P, _P, _P, _P, _L, _I],
-    "lm_int4_gemm": [_P, _L, _L, _L, _P, _P, _P, _P, _P, _L, _P, _I],
     "lm_bf16_gemm": [_P, _L, _L, _P, _P, _P, _L, _I],
+    "lm_int4q8_gemm": [_P, _L, _L, _L, _P, _P, _P, _P, _P, _L, _P, _I],
 }
 
 
@@ -51,6 +51,12 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def supported_cpu() -> bool:
+    """x86-64 with the AVX-512 subsets the kernels use (BW for bytes, VNNI for int8 dot products)."""
+    machine = platform.machine().lower() in ("x86_64", "amd64")
+    return machine and {"avx512f", "avx512bw", "avx512_vnni"} <= set(_cpu_flags().split())
 
 
 def _compiler() -> str | None:
@@ -86,7 +92,7 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernels, or None (then callers use PyTorch's). Built once, then cached."""
     if os.environ.get("LMSTACK_KERNELS", "1") == "0":
         return None
-    if platform.machine().lower() not in ("x86_64", "amd64") or "avx512bw" not in _cpu_flags().split():
+    if not supported_cpu():
         return None
     compiler = _compiler()
     if compiler is None:
