@@ -10,12 +10,16 @@ A `QuantLinear` stores its matrix in one of three forms (buffers, saved as `<lin
 and computes `x @ Wᵀ + b`. Decoding one token is a matrix-vector product whose time is the time to
 read the weights, so fewer bytes per weight is the speedup — provided the matmul reads the integers
 directly instead of first writing a float copy. On CPU, a batch of up to `SMALL_BATCH` rows (decoding)
-runs through our own kernels (`lmstack.compress.kernels`: float32 arithmetic on a layout repacked for
-streaming, compiled on first use); larger batches (prefill), or a machine where those cannot be built,
-use PyTorch's packed weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, as
-gpt-fast does), with activations cast to bfloat16 around the call: those kernels are several times
-slower on float32 inputs. Everything else (NF4, CUDA, a shape the int4 kernel refuses, a call that needs gradients
-with respect to x) dequantises the matrix and multiplies: correct everywhere, fast nowhere.
+runs through our own kernels (`lmstack.compress.kernels`, compiled on first use: a layout repacked for
+streaming; int8 in float32 arithmetic, int4 on int8-rounded activations as llama.cpp does), the
+projections that read one input fused (`FusedQuant`: q, k, v; gate, up), and the float head through
+a bfloat16 copy (`DecodeHead`). The repacked copies are built on first use and kept beside the
+buffers (the integer weights are resident twice while decoding). Larger batches (prefill), or a
+machine where our kernels cannot be built, use PyTorch's packed weight-only kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, as gpt-fast does), with activations cast to
+bfloat16 around the call: those kernels are several times slower on float32 inputs. Everything else
+(NF4, CUDA, a shape PyTorch's int4 kernel refuses at prefill, a call that needs gradients with
+respect to x) dequantises the matrix and multiplies: correct everywhere, fast nowhere.
 
 The scheme is a property of the checkpoint, not of its file name: `quantization_config(model)` is
 what `save_pretrained` writes into config.json, and `prepare_quantized(model, config)` rebuilds the
@@ -120,10 +124,9 @@ class QuantLinear(nn.Module):
             if bias
             else None
         )
-        self._packed: tuple[torch.Tensor, ...] | None = (
-            None  # PyTorch's CPU kernel's layout, built on first use
-        )
-        self._own: kernels.PackedInt8 | kernels.PackedInt4 | None = None  # our kernels' layout, likewise
+        # PyTorch's CPU kernel's layout and our kernels', each built on first use
+        self._packed: tuple[torch.Tensor, ...] | None = None
+        self._own: kernels.PackedInt8 | kernels.PackedInt4 | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantLinear:
