@@ -28,7 +28,8 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("qgemv.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)  # after the source, where linkers look for what it needs
 ABI = 2  # lm_kernel_abi() of the source this module's signatures describe
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 SIGNATURES = {
@@ -66,7 +67,7 @@ def _compiler() -> str | None:
 def library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()))
+        b"\0".join(s.encode() for s in (SOURCE.read_text(), " ".join(FLAGS + LIBS), version, _cpu_flags()))
     ).hexdigest()[:16]
     return cache_dir() / "kernels" / f"qgemv-{key}.so"
 
@@ -77,7 +78,7 @@ def _build(compiler: str, target: Path) -> None:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
+            [compiler, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, timeout=300
         )
         if result.returncode:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
