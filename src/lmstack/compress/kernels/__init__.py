@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lmstack.compress.kernels.build import load
+from lmstack.quant.integer import int4_unpack
 
 ROWS = 4  # rows per interleaved block (qgemv.c's ROWS)
 SUBBLOCK = 32  # int4 inputs per 16-byte step, and per int8 activation step
@@ -84,25 +85,14 @@ def pack_bf16(weight: torch.Tensor) -> PackedBF16:
 def pack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> PackedInt4:
     """Our int4 (codes two a byte, even input low; w = (q − z)·s per group) in the kernel's layout:
     per 32 inputs, byte j holds input j (low nibble) and input j + 16 (high), and w = q·s + offset
-    with offset = −z·s in float32."""
-    from lmstack.quant.integer import int4_unpack
-
+    with offset = −z·s in float32; scale and offset stored (block, group, row)."""
     n = packed.shape[0]
     codes = int4_unpack(packed).reshape(n, -1, 2, SUBBLOCK // 2)
     nibbles = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n, -1)
     s = scales.float()
-    offset = -zeros.float() * s
-
-    def per_block(t: torch.Tensor) -> torch.Tensor:
-        return _interleave(t, 1)  # (block, group, row)
-
+    weight = _interleave(nibbles, SUBBLOCK // 2)
     return PackedInt4(
-        _interleave(nibbles, SUBBLOCK // 2),
-        per_block(s),
-        per_block(offset),
-        n,
-        nibbles.shape[1] * 2,
-        group_size,
+        weight, _interleave(s, 1), _interleave(-zeros.float() * s, 1), n, 2 * nibbles.shape[1], group_size
     )
 
 
