@@ -31,6 +31,13 @@ from lmstack.quant.integer import int4_unpack
 SCHEMES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
 
 
+@pytest.fixture(autouse=True)
+def pytorch_kernels(monkeypatch):
+    """These tests are about PyTorch's packed kernels and the reference path; our own kernels, which
+    take small batches first, are tested in test_kernels.py."""
+    monkeypatch.setattr("lmstack.compress.linear.SMALL_BATCH", 0)
+
+
 def _linear(in_features: int, out_features: int, bias: bool, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
     lin = nn.Linear(in_features, out_features, bias=bias)

@@ -9,11 +9,17 @@ A `QuantLinear` stores its matrix in one of three forms (buffers, saved as `<lin
 
 and computes `x @ Wᵀ + b`. Decoding one token is a matrix-vector product whose time is the time to
 read the weights, so fewer bytes per weight is the speedup — provided the matmul reads the integers
-directly instead of first writing a float copy. On CPU, int8 and int4 run through PyTorch's packed
-weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, as gpt-fast does), with
-activations cast to bfloat16 around the call: those kernels are several times slower on float32
-inputs. Everything else (NF4, CUDA, a shape the int4 kernel refuses, a call that needs gradients
-with respect to x) dequantises the matrix and multiplies: correct everywhere, fast nowhere.
+directly instead of first writing a float copy. On CPU, a batch of up to `SMALL_BATCH` rows (decoding)
+runs through our own kernels (`lmstack.compress.kernels`, compiled on first use: a layout repacked for
+streaming; int8 in float32 arithmetic, int4 on int8-rounded activations as llama.cpp does), the
+projections that read one input fused (`FusedQuant`: q, k, v; gate, up), and the float head through
+a bfloat16 copy (`DecodeHead`). The repacked copies are built on first use and kept beside the
+buffers (the integer weights are resident twice while decoding). Larger batches (prefill), or a
+machine where our kernels cannot be built, use PyTorch's packed weight-only kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, as gpt-fast does), with activations cast to
+bfloat16 around the call: those kernels are several times slower on float32 inputs. Everything else
+(NF4, CUDA, a shape PyTorch's int4 kernel refuses at prefill, a call that needs gradients with
+respect to x) dequantises the matrix and multiplies: correct everywhere, fast nowhere.
 
 The scheme is a property of the checkpoint, not of its file name: `quantization_config(model)` is
 what `save_pretrained` writes into config.json, and `prepare_quantized(model, config)` rebuilds the
@@ -30,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack.compress import kernels
 from lmstack.errors import InputError
+from lmstack.model.attention import Attention
+from lmstack.model.mlp import MLP
 from lmstack.quant import (
     Int4Tensor,
     Int8Tensor,
@@ -54,6 +63,9 @@ QUANT_TENSORS = ("qweight", "scales", "zeros", "absmax_scale", "absmax_offset")
 # the projections a quantizer targets; embeddings, norms, MoE routers and (by default) the head stay float
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 _NF4_DOUBLE_BLOCK = 256
+# rows (tokens) up to which our kernels run a product; they read the weights once per call and
+# redo the arithmetic per row, so past a few rows PyTorch's tiled kernels win
+SMALL_BATCH = 8
 # byte -> its two NF4 values, high nibble first (the packing of lmstack.quant.nf4)
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)
 
@@ -112,7 +124,9 @@ class QuantLinear(nn.Module):
             if bias
             else None
         )
-        self._packed: tuple[torch.Tensor, ...] | None = None  # the CPU kernel's layout, built on first use
+        # PyTorch's CPU kernel's layout and our kernels', each built on first use
+        self._packed: tuple[torch.Tensor, ...] | None = None
+        self._own: kernels.PackedInt8 | kernels.PackedInt4 | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantLinear:
@@ -169,6 +183,8 @@ class QuantLinear(nn.Module):
 
     # ---- the fast path ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._uses_own_kernel(x):
+            return _own_matmul(x, self._own_weights(), self.bias)
         if not self._uses_packed_kernel(x):
             return self.reference_forward(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -180,13 +196,25 @@ class QuantLinear(nn.Module):
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    def _uses_packed_kernel(self, x: torch.Tensor) -> bool:
+    def _uses_packed_kernel(self, x: torch.Tensor, *, any_width: bool = False) -> bool:
         if x.device.type != "cpu" or self.scheme.method == "nf4" or not x.is_floating_point():
             return False
         if torch.is_grad_enabled() and x.requires_grad:  # the packed kernels have no backward
             return False
-        # the int4 packing kernel tiles the output dimension by 16
-        return self.scheme.method == "int8" or self.out_features % 16 == 0
+        # PyTorch's int4 packing kernel tiles the output dimension by 16 (ours takes any width)
+        return any_width or self.scheme.method == "int8" or self.out_features % 16 == 0
+
+    def _uses_own_kernel(self, x: torch.Tensor) -> bool:
+        return (
+            self._uses_packed_kernel(x, any_width=True)
+            and x.numel() <= SMALL_BATCH * self.in_features
+            and kernels.available()
+        )
+
+    def _own_weights(self) -> kernels.PackedInt8 | kernels.PackedInt4:
+        if self._own is None:
+            self._own = _own_pack(self.scheme, self.qweight, self.scales, getattr(self, "zeros", None))
+        return self._own
 
     def _packed_weights(self) -> tuple[torch.Tensor, ...]:
         if self._packed is None:
@@ -201,12 +229,136 @@ class QuantLinear(nn.Module):
         return self._packed
 
     def _apply(self, fn, recurse: bool = True):
-        self._packed = None  # a new device or dtype: repack from the buffers on next use
+        self._packed = self._own = None  # a new device or dtype: repack from the buffers on next use
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._packed = None
+        self._packed = self._own = None
         super()._load_from_state_dict(*args, **kwargs)
+
+
+def _own_pack(
+    scheme: QuantScheme, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
+) -> kernels.PackedInt8 | kernels.PackedInt4:
+    if scheme.method == "int8":
+        return kernels.pack_int8(qweight, scales)
+    assert zeros is not None and scheme.group_size is not None
+    return kernels.pack_int4(qweight, scales, zeros, scheme.group_size)
+
+
+def _own_matmul(
+    x: torch.Tensor, packed: kernels.PackedInt8 | kernels.PackedInt4, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if isinstance(packed, kernels.PackedInt8):
+        return kernels.int8_matmul(x, packed, bias).to(x.dtype)
+    return kernels.int4_matmul(x, packed, bias).to(x.dtype)
+
+
+class FusedQuant:
+    """QuantLinears that read the same input — attention's q, k, v; a gated MLP's gate and up —
+    multiplied by our kernel as one matrix, their rows stacked: one call and one pass over the
+    weights instead of two or three (a deep, thin model's decode step is mostly such small calls).
+    The modules stay in place; the owner asks `serves(...)` with its current modules, so replacing
+    one (a LoRA wrapper) turns the fused product off. Batches our kernels do not take run the
+    modules one by one. The stacked copy is built on first use and rebuilt when a module's tensors
+    change (it replaces, not adds to, the modules' own packed copies while decoding)."""
+
+    def __init__(self, modules: tuple[QuantLinear, ...]):
+        self.modules = modules
+        self._packed: tuple[tuple, kernels.PackedInt8 | kernels.PackedInt4, torch.Tensor | None] | None = None
+
+    @classmethod
+    def of(cls, *modules: nn.Module | None) -> FusedQuant | None:
+        """A fused product of `modules`, or None where they are not int8/int4 QuantLinears of one scheme."""
+        if not all(isinstance(m, QuantLinear) for m in modules):
+            return None
+        first = modules[0]
+        if first.scheme.method not in ("int8", "int4") or any(
+            m.scheme != first.scheme or m.in_features != first.in_features for m in modules
+        ):
+            return None
+        return cls(modules)
+
+    def serves(self, *modules: nn.Module) -> bool:
+        return len(modules) == len(self.modules) and all(a is b for a, b in zip(modules, self.modules))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.modules[0]._uses_own_kernel(x):
+            return torch.cat([m(x) for m in self.modules], dim=-1)
+        tensors = [t for m in self.modules for t in (m.qweight, m.scales, getattr(m, "zeros", None), m.bias)]
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, *self._stack())
+        return _own_matmul(x, self._packed[1], self._packed[2])
+
+    def _stack(self) -> tuple[kernels.PackedInt8 | kernels.PackedInt4, torch.Tensor | None]:
+        ms = self.modules
+        zeros = torch.cat([m.zeros for m in ms]) if ms[0].scheme.method == "int4" else None
+        packed = _own_pack(
+            ms[0].scheme, torch.cat([m.qweight for m in ms]), torch.cat([m.scales for m in ms]), zeros
+        )
+        if all(m.bias is None for m in ms):
+            return packed, None
+        bias = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in ms]
+        return packed, torch.cat([b.detach().float() for b in bias])
+
+
+def fuse_quantized(model: nn.Module) -> int:
+    """Give every attention whose q, k, v (and every gated MLP whose gate, up) are int8/int4
+    QuantLinears a `FusedQuant` of them; returns how many were fused."""
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_qkv = FusedQuant.of(module.q, module.k, module.v) or module.fused_qkv
+            fused += isinstance(module.fused_qkv, FusedQuant)
+        elif isinstance(module, MLP) and module.gate is not None:
+            module.fused_gate_up = FusedQuant.of(module.gate, module.up)
+            fused += module.fused_gate_up is not None
+    return fused
+
+
+class DecodeHead(nn.Linear):
+    """The float LM head of a quantized model (the head the quantizer leaves in 16/32-bit): the same
+    `nn.Linear` — same parameters, tied to the embedding or not, same state dict — that multiplies a
+    decode-sized batch on CPU by a bfloat16 copy of its weight with our kernel (float32 activations
+    and sums). A tied head of a small model is the largest matrix a decode step reads (GPT-2's is
+    154 MB in float32 against 85 MB for all its int8 blocks); at 16 bits it costs half. The copy
+    (half the head's size, built on first use, never saved) is rebuilt when the weight changes;
+    larger batches, gradients and other devices use the float32 weight."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._copy: tuple[tuple[int, int], kernels.PackedBF16] | None = None  # (weight's identity, copy)
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> DecodeHead:
+        """A DecodeHead holding `linear`'s own parameters (nothing is copied or allocated)."""
+        head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        head.weight = linear.weight
+        head.bias = linear.bias
+        return head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            x.device.type != "cpu"
+            or w.device.type != "cpu"
+            or x.numel() > SMALL_BATCH * self.in_features
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            or not kernels.available()
+        ):
+            return super().forward(x)
+        key = (w.data_ptr(), w._version)
+        if self._copy is None or self._copy[0] != key:
+            self._copy = (key, kernels.pack_bf16(w))
+        return kernels.bf16_matmul(x, self._copy[1], self.bias).to(x.dtype)
+
+
+def use_decode_head(model: nn.Module) -> None:
+    """Make a quantized model's float `lm_head` a `DecodeHead` (no-op without a plain linear head)."""
+    head = getattr(model, "lm_head", None)
+    if type(head) is nn.Linear:
+        model.lm_head = DecodeHead.wrap(head)
 
 
 def int4_to_cpu_kernel_layout(
@@ -309,6 +461,8 @@ def swap(model: nn.Module, scheme: QuantScheme, *, include_head: bool = False) -
                 )
     for name, linear in targets:
         _replace(model, name, QuantLinear.from_linear(linear, scheme))
+    use_decode_head(model)
+    fuse_quantized(model)
     return model
 
 
@@ -375,3 +529,5 @@ def prepare_quantized(model: nn.Module, config: dict[str, Any], *, dtype: torch.
                 dtype=dtype,
             ),
         )
+    use_decode_head(model)
+    fuse_quantized(model)

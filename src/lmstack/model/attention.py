@@ -182,6 +182,9 @@ class FusedQKV:
     weight: torch.Tensor
     bias: torch.Tensor | None
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
     def serves(self, q: nn.Module, k: nn.Module, v: nn.Module) -> bool:
         if q is not self.modules[0] or k is not self.modules[1] or v is not self.modules[2]:
             return False
@@ -213,14 +216,16 @@ class Attention(nn.Module):
         self.o = nn.Linear(config.q_dim, config.d_model, bias=config.out_bias)
         self.last_weights: torch.Tensor | None = None  # filled when `store_weights` is set (eager only)
         self.store_weights = False
-        self.fused_qkv: FusedQKV | None = None  # set by `infer.layout.fuse_qkv`
+        # set by `infer.layout.fuse_qkv` (or, for quantized projections, `compress`): any object with
+        # `serves(q, k, v)` and a call x -> [q | k | v]
+        self.fused_qkv: FusedQKV | None = None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
         fused = self.fused_qkv
         if fused is not None and fused.serves(self.q, self.k, self.v):
-            q, k, v = F.linear(x, fused.weight, fused.bias).split((c.q_dim, c.kv_dim, c.kv_dim), -1)
+            q, k, v = fused(x).split((c.q_dim, c.kv_dim, c.kv_dim), -1)
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)
         q = q.view(B, T, c.n_heads, c.head_dim)

@@ -30,8 +30,15 @@ class MLP(nn.Module):
         self.gate = nn.Linear(config.d_model, config.d_ff, bias=bias) if config.gated_mlp else None
         self.up = nn.Linear(config.d_model, config.d_ff, bias=bias)
         self.down = nn.Linear(config.d_ff, config.d_model, bias=bias)
+        # a fused product of gate and up (set by `compress` for quantized layers): an object with
+        # `serves(gate, up)` and a call x -> [gate(x) | up(x)]
+        self.fused_gate_up = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
             return self.down(self.act(self.up(x)))
+        fused = self.fused_gate_up
+        if fused is not None and fused.serves(self.gate, self.up):
+            gate, up = fused(x).chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
         return self.down(self.act(self.gate(x)) * self.up(x))

@@ -1,0 +1,161 @@
+"""Our CPU kernels for batch-1 (small-M) products with int8 and int4 weights (`qgemv.c`).
+
+Decoding one token reads every weight once; PyTorch's packed kernels stream int8 at about 60% of the
+rate float32 GEMV reaches and need bfloat16 activations. These read a layout repacked for streaming
+(blocks of 4 rows interleaved 16 bytes at a time, so a pass reads memory front to back, with software
+prefetch). int8 and the bfloat16 head compute in float32 on exactly converted weights: the result is
+"dequantise, then multiply" up to the order of float32 additions. int4 first rounds the activation
+to int8 per 32 inputs (`quantize_activations`, llama.cpp's Q8_0 treatment of activations), so that
+one VNNI instruction multiplies 64 codes: the result is "dequantise, then multiply" applied to the
+rounded activation (relative error per element ≤ 1/254 of its block's largest magnitude, the order
+of PyTorch's bfloat16 activations).
+
+`pack_int8` / `pack_int4` build that layout from a `QuantLinear`'s buffers (the on-disk format is
+unchanged); `int8_matmul` / `int4_matmul` run it. `available()` is False when the library cannot be
+built here (see `build.load`); callers then use PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmstack.compress.kernels.build import load
+from lmstack.quant.integer import int4_unpack
+
+ROWS = 4  # rows per interleaved block (qgemv.c's ROWS)
+SUBBLOCK = 32  # int4 inputs per 16-byte step, and per int8 activation step
+# weights below which a product runs on one thread: waking a second thread costs microseconds on an
+# idle machine and milliseconds on a busy one, more than a product of a quarter million weights takes
+PARALLEL_MIN_WEIGHTS = 1 << 18
+
+
+@dataclass(frozen=True)
+class PackedInt8:
+    weight: torch.Tensor  # int8, blocks of ROWS rows interleaved by 16 inputs
+    scale: torch.Tensor  # (N,) float32
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class PackedInt4:
+    weight: torch.Tensor  # uint8, blocks of ROWS rows interleaved by 32 inputs (16 bytes)
+    scale: torch.Tensor  # float32 per (block, group, row)
+    offset: torch.Tensor  # float32 per (block, group, row): −zero·scale
+    out_features: int
+    in_features: int
+    group_size: int
+
+
+@dataclass(frozen=True)
+class PackedBF16:
+    weight: torch.Tensor  # bfloat16, the int8 layout
+    out_features: int
+    in_features: int
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _interleave(rows: torch.Tensor, step: int) -> torch.Tensor:
+    """(N, C) -> flat blocks of ROWS rows, `step` columns of each row at a time (rows zero-padded)."""
+    n, c = rows.shape
+    rows = F.pad(rows, (0, 0, 0, -n % ROWS))
+    return rows.reshape(-1, ROWS, c // step, step).transpose(1, 2).contiguous().reshape(-1)
+
+
+def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> PackedInt8:
+    """Our int8 (N, K) codes and per-row scales in the kernel's layout (inputs zero-padded to 16)."""
+    n, k = qweight.shape
+    w = F.pad(qweight.view(torch.uint8), (0, -k % 16)).view(torch.int8)
+    return PackedInt8(_interleave(w, 16), scales.float().contiguous(), n, k)
+
+
+def pack_bf16(weight: torch.Tensor) -> PackedBF16:
+    """A float (N, K) matrix rounded to bfloat16, in the int8 layout (inputs zero-padded to 16)."""
+    n, k = weight.shape
+    w = F.pad(weight.detach().to(torch.bfloat16), (0, -k % 16))
+    return PackedBF16(_interleave(w, 16), n, k)
+
+
+def pack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> PackedInt4:
+    """Our int4 (codes two a byte, even input low; w = (q − z)·s per group) in the kernel's layout:
+    per 32 inputs, byte j holds input j (low nibble) and input j + 16 (high), and w = q·s + offset
+    with offset = −z·s in float32; scale and offset stored (block, group, row)."""
+    n = packed.shape[0]
+    codes = int4_unpack(packed).reshape(n, -1, 2, SUBBLOCK // 2)
+    nibbles = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n, -1)
+    s = scales.float()
+    weight = _interleave(nibbles, SUBBLOCK // 2)
+    return PackedInt4(
+        weight, _interleave(s, 1), _interleave(-zeros.float() * s, 1), n, 2 * nibbles.shape[1], group_size
+    )
+
+
+def _threads(out_features: int, in_features: int) -> int:
+    return torch.get_num_threads() if out_features * in_features >= PARALLEL_MIN_WEIGHTS else 1
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    return x.reshape(-1, in_features).to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def int8_matmul(x: torch.Tensor, p: PackedInt8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
+    lib = load()
+    assert lib is not None, "the kernels are not available here — check kernels.available() first"
+    rows = _rows(x, p.in_features)
+    y = torch.empty(rows.shape[0], p.out_features, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    lib.lm_int8_gemm(
+        rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), p.scale.data_ptr(), _ptr(b),
+        y.data_ptr(), p.out_features, _threads(p.out_features, p.in_features),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], p.out_features)
+
+
+def bf16_matmul(x: torch.Tensor, p: PackedBF16, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ Wᵀ (+ bias) in float32 with W's bfloat16 values, shape (..., N)."""
+    lib = load()
+    assert lib is not None, "the kernels are not available here — check kernels.available() first"
+    rows = _rows(x, p.in_features)
+    y = torch.empty(rows.shape[0], p.out_features, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    lib.lm_bf16_gemm(
+        rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), _ptr(b), y.data_ptr(),
+        p.out_features, _threads(p.out_features, p.in_features),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], p.out_features)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """The activations int4_matmul multiplies by: x rounded to int8 per 32 inputs (step amax/127),
+    as float32 values (the same operations as the kernel, so the same values)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
+
+
+def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """quantize_activations(x) (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
+    lib = load()
+    assert lib is not None, "the kernels are not available here — check kernels.available() first"
+    rows = _rows(x, p.in_features)
+    m, k = rows.shape
+    scratch = torch.empty(-(-m * k // 64) * 16 + m * (k // 32 + k // p.group_size), dtype=torch.float32)
+    y = torch.empty(m, p.out_features, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    lib.lm_int4q8_gemm(
+        rows.data_ptr(), m, k, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(), p.offset.data_ptr(),
+        _ptr(b), y.data_ptr(), p.out_features, scratch.data_ptr(), _threads(p.out_features, p.in_features),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], p.out_features)
