@@ -127,7 +127,8 @@ def build_method(config: FinetuneConfig, tokenizer_path: Path, base: dict[str, s
         config.adapter, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
         targets=config.lora_targets, rslora=config.rslora,
     )  # fmt: skip
-    adapters = AdapterSetup(lora, base_path=str(tokenizer_path))  # the base the adapter applies to
+    # the base the adapter applies to; QLoRA stores it in NF4
+    adapters = AdapterSetup(lora, base_path=str(tokenizer_path), qlora=config.adapter == "qlora")
     data = config.data or str(shipped_dataset("train"))
     common = dict(
         tokenizer_path=tokenizer_path, val_data=config.val_data, val_fraction=config.val_fraction,
@@ -169,6 +170,10 @@ def finetune(config: FinetuneConfig, *, hooks: Any = None) -> FinetuneResult:
             f"{out} already holds a fine-tuning run — pass --resume to continue it, or another --out"
         )
     base_dir = resolve_model_dir(config.model)
+    if config.adapter == "qlora":
+        from lmstack.finetune.qlora import check_float_base
+
+        check_float_base(base_dir)
     base = _record(base_dir)
     if config.resume and saved_path.is_file():
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
