@@ -15,15 +15,21 @@ batches (same batch, sequence length, rank, targets, fp32, thread count):
 
 Each row (setting × optimizer × side) runs in a fresh subprocess, so its memory is its own:
 * `peak_rss_bytes`: `resource.getrusage(...).ru_maxrss` over the whole process (imports and loading
-  included — `transformers` alone costs a few hundred MB that the lmstack side never imports);
-* `train_bytes`: the fine-tuning footprint — the peak resident memory while training (the kernel's
-  high-water mark is reset after loading, `/proc/self/clear_refs`) minus the resident memory before
-  the model was loaded. This is what `predicted_bytes` (`lmstack.arith.memory.finetune_memory`, the
-  function behind `lmstack calc --adapter ... --optimizer ...`) predicts: weights, gradients,
-  optimizer state and activations. `memory_vs_peft` compares this figure.
+  included — `transformers` and `peft` cost a few hundred MB that the lmstack side never imports);
+* `train_bytes`: the fine-tuning footprint as the OS sees it — the peak resident memory while
+  training (the kernel's high-water mark is reset after loading, `/proc/self/clear_refs`) minus the
+  resident memory before the model was loaded, after the libraries were imported. `memory_vs_peft`
+  compares this figure; `predicted_vs_measured` = `predicted_bytes` / `train_bytes`.
+* `train_allocated_bytes`: the same span counted in live heap allocations (glibc `mallinfo2`, sampled
+  after every torch op during one extra step). RSS also holds memory the allocator keeps after a free,
+  so this is the figure `predicted_bytes` — `lmstack.arith.memory.finetune_memory`, the function
+  behind `lmstack calc --adapter ... --optimizer ...`: weights, gradients, optimizer state,
+  activations and the loss's peak — should match (`predicted_vs_allocated`).
 * `step_s`: the median of the timed optimizer steps after warm-up (`step_cpu_s`: of their process
-  CPU time). The two sides of a setting are loaded together and stepped in turn (ours, theirs,
-  theirs, ours, ...), so a busy neighbour on a shared machine slows both alike.
+  CPU time). The two sides of a setting are loaded one after the other, then stepped in turn (ours,
+  theirs, theirs, ours, ...), so a busy neighbour on a shared machine slows both alike.
+* `loss_first`: the first step's loss — equal on both sides (same weights, batches and objective;
+  QLoRA's differs in the last digits, from the two NF4 implementations).
 
     python bench/finetune.py [--quick] [--threads 2] [--steps 6] [--warmup 2] [--only lora:adamw,...]
 """
@@ -435,16 +441,34 @@ def summarise(rows: list[dict]) -> dict:
             name = f"{'full' if adapter == 'none' else adapter}/{opt}"
             per_setting[name] = {
                 "step_time_vs_peft": ratio(ours, theirs, "step_s"),
+                "step_cpu_vs_peft": ratio(ours, theirs, "step_cpu_s"),
                 "memory_vs_peft": ratio(ours, theirs, "train_bytes"),
                 "allocated_vs_peft": ratio(ours, theirs, "train_allocated_bytes"),
                 "peak_rss_vs_peft": ratio(ours, theirs, "peak_rss_bytes"),
             }
     head = per_setting.get("lora/adamw", {})
+    mib = 2**20
+    memory = [  # predicted and measured side by side, MiB
+        {
+            "row": f"{r['side']} {r['setting']}/{r['optimizer']}",
+            "predicted": round(r["predicted_bytes"] / mib, 1),
+            "allocated": round(r["train_allocated_bytes"] / mib, 1),
+            "rss": round(r["train_bytes"] / mib, 1),
+        }
+        for r in rows
+        if "predicted_bytes" in r and "train_allocated_bytes" in r
+    ]
+    spread = {
+        key: [min(vals), max(vals)] if (vals := [r[key] for r in rows if key in r]) else None
+        for key in ("predicted_vs_allocated", "predicted_vs_measured")
+    }
     return {
         "step_time_vs_peft": head.get("step_time_vs_peft"),
         "memory_vs_peft": head.get("memory_vs_peft"),
         "targets": {"step_time_vs_peft": 1.1, "memory_vs_peft": 1.0},
         "per_setting": per_setting,
+        "predicted_vs_measured_mib": memory,
+        "prediction_ratio_range": spread,
     }
 
 
