@@ -21,7 +21,8 @@ Each row (setting × optimizer × side) runs in a fresh subprocess, so its memor
   resident memory before the model was loaded, after the libraries were imported. `memory_vs_peft`
   compares this figure; `predicted_vs_measured` = `predicted_bytes` / `train_bytes`.
 * `train_allocated_bytes`: the same span counted in live heap allocations (glibc `mallinfo2`, sampled
-  after every torch op during one extra step). RSS also holds memory the allocator keeps after a free,
+  after every torch op during one extra step) plus the weights still memory-mapped from the
+  checkpoint (`file_backed_bytes`). RSS also holds memory the allocator keeps after a free,
   so this is the figure `predicted_bytes` — `lmstack.arith.memory.finetune_memory`, the function
   behind `lmstack calc --adapter ... --optimizer ...`: weights, gradients, optimizer state,
   activations and the loss's peak — should match (`predicted_vs_allocated`).
@@ -122,6 +123,23 @@ def allocated_bytes() -> int | None:
         return None
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
+
+
+def file_backed_bytes(model) -> int:
+    """Bytes of the model's tensors that live in a memory-mapped file (safetensors loads weights that
+    way), which the heap count misses: their storages' addresses fall in a file mapping."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(n for ptr, n in storages.items() if any(a <= ptr < b for a, b in ranges))
 
 
 def peak_allocated_during(fn) -> int | None:
@@ -340,10 +358,12 @@ def worker(job: dict) -> None:
     row["peak_rss_bytes"] = max(load_peak, maxrss_bytes(), train_peak)
     row["train_bytes"] = train_peak - before_load
     row["train_bytes_includes_loading"] = not hwm_reset
-    # one more step, untimed, sampling the live heap after every op
+    # one more step, untimed, sampling the live heap after every op; plus the weights still mapped
+    # from the checkpoint file (resident, but not on the heap)
     peak = peak_allocated_during(lambda: step(stream))
     if peak is not None and allocated_before_load is not None:
-        row["train_allocated_bytes"] = peak - allocated_before_load
+        row["file_backed_bytes"] = file_backed_bytes(model)
+        row["train_allocated_bytes"] = peak - allocated_before_load + row["file_backed_bytes"]
     row["step_s"] = statistics.median(times[warm:])
     row["step_cpu_s"] = statistics.median(cpu_times[warm:])
     row["step_times_s"] = [round(t, 4) for t in times]
