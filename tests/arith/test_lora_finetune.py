@@ -135,6 +135,13 @@ def test_calc_cli(capsys) -> None:
         context=1024,
     )
     assert got == json.loads(json.dumps(want))
+    assert (
+        main(["calc", "llama2-7b", "--json", "--context", "1024", "--dtype", "fp32", "--adapter", "lora"])
+        == 0
+    )
+    got = json.loads(capsys.readouterr().out)["memory"]["finetune"]
+    want = finetune_memory(CONFIGS["llama2-7b"], adapter="lora", rank=16, context=1024, precision="fp32")
+    assert got == json.loads(json.dumps(want))
     assert main(["calc", "mixtral-8x7b", "--adapter", "dora", "--lora-targets", "q,v,router"]) == 0
     assert "fine-tune (dora r=16 on q,v,router" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:

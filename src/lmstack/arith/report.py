@@ -16,6 +16,7 @@ from lmstack.arith.kv_cache import kv_cache
 from lmstack.arith.memory import (
     BITS,
     CHECKPOINTING,
+    FULL_PRECISION,
     OPTIMIZER_STATE_BYTES,
     SHARDING,
     activation_bytes,
@@ -156,6 +157,7 @@ def analyze(
                 optimizer=optimizer,
                 batch=batch,
                 context=context,
+                precision=dtype if dtype in FULL_PRECISION else "bf16",  # --dtype fp32: fp32 training
             ),
         },
         "decode": decode,

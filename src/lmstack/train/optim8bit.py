@@ -183,8 +183,8 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _update_8bit(self, p: torch.Tensor, state: dict[str, torch.Tensor], hyper: tuple) -> None:
         """Dequantise, update and requantise `CHUNK_BLOCKS` blocks at a time: the step then holds fp32
-        moments and temporaries for one chunk (~20 MB at 2048-blocks) beside the 8-bit state, never for the whole
-        tensor (for a 50k × 4096 embedding that would be ~5 GB). Blocks are independent, so the result
+        moments and temporaries for one chunk (~15 MB with blocks of 2048) beside the 8-bit state, never
+        for the whole tensor (~5 GB for a 50k × 4096 embedding). Blocks are independent, so the result
         is the same as one pass over the whole tensor."""
         bs = self.block_size
         signed_map, unsigned_map = self.qmap(True, p.device), self.qmap(False, p.device)
