@@ -518,6 +518,10 @@ def main() -> None:
     if args.only:
         wanted = {tuple(s.split(":")) for s in args.only.split(",")}
         settings = [(a, o) for a, o in settings if ("full" if a == "none" else a, o) in wanted]
+        if len(settings) != len(wanted):
+            ap.error(
+                f"--only {args.only!r}: use settings full|lora|dora|qlora with optimizers adamw|adamw8bit"
+            )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
