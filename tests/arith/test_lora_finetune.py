@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmstack.arith import count_params, weights_bytes
+from lmstack.arith import activation_bytes, count_params, weights_bytes
 from lmstack.arith.memory import (
     finetune_memory,
     lora_params,
@@ -135,6 +135,13 @@ def test_calc_cli(capsys) -> None:
         context=1024,
     )
     assert got == json.loads(json.dumps(want))
+    assert (
+        main(["calc", "llama2-7b", "--json", "--context", "1024", "--dtype", "fp32", "--adapter", "lora"])
+        == 0
+    )
+    got = json.loads(capsys.readouterr().out)["memory"]["finetune"]
+    want = finetune_memory(CONFIGS["llama2-7b"], adapter="lora", rank=16, context=1024, precision="fp32")
+    assert got == json.loads(json.dumps(want))
     assert main(["calc", "mixtral-8x7b", "--adapter", "dora", "--lora-targets", "q,v,router"]) == 0
     assert "fine-tune (dora r=16 on q,v,router" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
@@ -142,3 +149,76 @@ def test_calc_cli(capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmstack: error: bad LoRA targets ['router']") and "\n" not in err
+
+
+def test_fp32_precision_counts_four_byte_weights_gradients_and_activations() -> None:
+    config = CONFIGS["dense-gqa"]
+    p = count_params(config)
+    b, s, v = 2, 32, config.vocab_size
+    full = finetune_memory(config, adapter="none", batch=b, context=s, precision="fp32")
+    assert full["trained_weights_and_gradients_bytes"] == 8 * p.total  # fp32 weight + gradient, no master
+    lora = finetune_memory(config, adapter="lora", batch=b, context=s, precision="fp32")
+    assert lora["base_weights_bytes"] == weights_bytes(config, "fp32")
+    q32, q16 = (finetune_memory(config, adapter="qlora", precision=x) for x in ("fp32", "bf16"))
+    assert q32["base_weights_bytes"] - q16["base_weights_bytes"] == 2 * (p.total - p.quantisable)
+    # every activation doubles except the logits, which the loss reads in fp32 either way
+    assert (
+        activation_bytes(config, b, s, element_bytes=4) - 2 * activation_bytes(config, b, s) == -4 * b * s * v
+    )
+    assert lora["loss_peak_bytes"] == 2 * 4 * b * s * v
+    with pytest.raises(InputError, match="unknown precision"):
+        finetune_memory(config, precision="int8")
+
+
+def _saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward (parameters excluded, shared storage once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("targets", [("q", "v"), "all-linear"])
+def test_adapter_activations_equal_what_autograd_saves(targets) -> None:
+    """What an adapter adds to the activations, measured on lmstack's fp32 model: LoRA keeps A·x (r per
+    token) for each adapted matrix, so doubling r adds exactly that; DoRA also keeps its d_out-wide
+    direction W x + sBA x (and a few d_out-sized vectors, the factor m/‖W + sBA‖, left out). The total
+    stays under the prediction, whose base part is the full model's (frozen layers keep less)."""
+    config = CONFIGS["dense-gqa"]
+    b, s = 2, 32
+    ids = torch.randint(0, config.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+
+    def saved(adapter: str, r: int) -> int:
+        model = build_model(config, seed=0).train()
+        apply_lora(model, LoraConfig(r=r, alpha=2 * r, targets=targets, use_dora=adapter == "dora"))
+        return _saved_bytes(model, ids)
+
+    def predicted(adapter: str, r: int) -> int:
+        m = finetune_memory(
+            config, adapter=adapter, rank=r, targets=targets, batch=b, context=s, precision="fp32"
+        )
+        return m["activations_bytes"]
+
+    lora4, lora8, dora4 = saved("lora", 4), saved("lora", 8), saved("dora", 4)
+    assert lora8 - lora4 == predicted("lora", 8) - predicted("lora", 4)
+    vectors = dora4 - lora4 - (predicted("dora", 4) - predicted("lora", 4))
+    c, picked = config, resolve_lora_targets(config, targets)
+    d_out = {
+        "q": c.q_dim,
+        "k": c.kv_dim,
+        "v": c.kv_dim,
+        "o": c.d_model,
+        "gate": c.d_ff,
+        "up": c.d_ff,
+        "down": c.d_model,
+    }
+    assert 0 <= vectors <= 4 * 4 * c.n_layers * sum(d_out[t] for t in picked)
+    assert dora4 <= predicted("dora", 4) and lora8 <= predicted("lora", 8)

@@ -74,3 +74,16 @@ def test_odd_sizes_and_bits_per_weight():
     big = nf4_quantize(_weights((256, 1024)))
     bits = (big.packed.numel() * 8 + big.absmax.numel() * 8 + big.absmax_scale.numel() * 32) / (256 * 1024)
     assert bits == pytest.approx(4.127, abs=0.001)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (7, 37), (5,)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantize_equals_the_per_value_formula(shape, double_quant) -> None:
+    """The byte-table decoder gives exactly NF4_CODE[nibble] × its block's absmax for every value,
+    also with an odd count (a padding nibble) and a short last block."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    q = nf4_quantize(w, double_quant=double_quant)
+    n = w.numel()
+    nibbles = torch.stack([q.packed >> 4, q.packed & 0x0F], dim=-1).reshape(-1)[:n].long()
+    want = NF4_CODE[nibbles] * nf4_absmax(q).repeat_interleave(q.block)[:n]
+    assert torch.equal(nf4_dequantize(q), want.reshape(shape))

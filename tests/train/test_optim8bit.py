@@ -165,3 +165,23 @@ def test_bf16_parameters_keep_fp32_state() -> None:
     state = fresh.state[model.weight]
     assert state["exp_avg_absmax"].dtype == torch.float32 and state["exp_avg_codes"].dtype == torch.uint8
     assert fresh.state[model.bias]["exp_avg"].dtype == torch.float32
+
+
+def test_chunked_update_equals_one_pass(monkeypatch) -> None:
+    """The step dequantises a few blocks at a time to bound its fp32 working set; blocks are independent,
+    so any chunk size gives bit-identical weights and state (here with a short last block)."""
+    import lmstack.train.optim8bit as optim8bit
+
+    def train(chunk_blocks: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        monkeypatch.setattr(optim8bit, "CHUNK_BLOCKS", chunk_blocks)
+        g = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn(37, 300, generator=g))
+        opt = AdamW8bit([p], lr=1e-2, weight_decay=0.1, block_size=256, min_8bit_size=0)
+        for _ in range(4):
+            p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return p.detach(), opt.state[p]
+
+    (p1, s1), (p2, s2) = train(1), train(10_000)
+    assert torch.equal(p1, p2)
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)

@@ -97,37 +97,43 @@ def sharded_training_bytes(
 
 
 # ---- activations ----------------------------------------------------------------------------------
-def layer_activation_bytes(config: ModelConfig, batch: int, context: int) -> tuple[int, int]:
-    """(bytes without s² terms, bytes of the s² attention terms) stored by one block for backward."""
-    c, sb = config, context * batch
+def layer_activation_bytes(
+    config: ModelConfig, batch: int, context: int, element_bytes: int = 2
+) -> tuple[int, int]:
+    """(bytes without s² terms, bytes of the s² attention terms) stored by one block for backward;
+    activations of `element_bytes` each (2: 16-bit, 4: fp32 training), dropout masks 1 byte."""
+    c, sb, a = config, context * batch, element_bytes
     dropout = c.dropout > 0
     d, q, kv, ff = c.d_model, c.q_dim, c.kv_dim, c.d_ff
-    norms = 2 * 2 * sb * d  # each norm's input
-    attention = 2 * sb * d + 2 * sb * (q + kv) + 2 * sb * kv + 2 * sb * q + (sb * d if dropout else 0)
+    norms = 2 * a * sb * d  # each norm's input
+    attention = a * sb * d + a * sb * (q + kv) + a * sb * kv + a * sb * q + (sb * d if dropout else 0)
     # input to qkv, Q and K for QKᵀ, V, input to o, output dropout mask
     mlp_tensors = 4 if c.gated_mlp else 2  # gate, up, act(gate), gate·up  |  pre-activation, activation
-    expert = 2 * sb * d + mlp_tensors * 2 * sb * ff
+    expert = a * sb * d + mlp_tensors * a * sb * ff
     if c.is_moe:
         mlp = (
-            2 * sb * d + c.n_experts_per_token * expert + 4 * sb * c.n_experts
+            a * sb * d + c.n_experts_per_token * expert + 4 * sb * c.n_experts
         )  # router in, k experts, fp32 logits
     else:
         mlp = expert
     mlp += sb * d if dropout else 0
     square = (
-        batch * c.n_heads * context * context * (5 if dropout else 2)
+        batch * c.n_heads * context * context * ((2 * a + 1) if dropout else a)
     )  # softmax out (+ mask + dropout out)
     return norms + attention + mlp, square
 
 
-def activation_bytes(config: ModelConfig, batch: int, context: int, checkpointing: str = "none") -> int:
-    """Activation memory of a training step (module doc): `none`, `selective` or `full` recomputation."""
+def activation_bytes(
+    config: ModelConfig, batch: int, context: int, checkpointing: str = "none", element_bytes: int = 2
+) -> int:
+    """Activation memory of a training step (module doc): `none`, `selective` or `full` recomputation,
+    activations of `element_bytes` each (2 for 16-bit training, 4 for fp32)."""
     if checkpointing not in CHECKPOINTING:
         raise InputError(f"unknown checkpointing {checkpointing!r} — use one of {', '.join(CHECKPOINTING)}")
-    c, sb = config, batch * context
-    linear, square = layer_activation_bytes(c, batch, context)
+    c, sb, a = config, batch * context, element_bytes
+    linear, square = layer_activation_bytes(c, batch, context, a)
     head = (
-        2 * sb * c.d_model + 2 * sb * c.d_model + 4 * sb * c.vocab_size
+        a * sb * c.d_model + a * sb * c.d_model + 4 * sb * c.vocab_size
     )  # final norm in, head in, fp32 logits
     head += sb * c.d_model if c.dropout > 0 else 0  # embedding dropout mask
     if checkpointing == "none":
@@ -135,7 +141,7 @@ def activation_bytes(config: ModelConfig, batch: int, context: int, checkpointin
     elif checkpointing == "selective":
         blocks = c.n_layers * linear
     else:
-        blocks = c.n_layers * 2 * sb * c.d_model + linear + square
+        blocks = c.n_layers * a * sb * c.d_model + linear + square
     return blocks + head
 
 
@@ -221,24 +227,34 @@ def finetune_memory(
     batch: int = 1,
     context: int = 2048,
     checkpointing: str = "none",
+    precision: str = "bf16",
 ) -> dict[str, object]:
     """Memory to fine-tune `config`: full (`none`), LoRA, DoRA, or QLoRA (LoRA on an NF4 base).
 
-    Full fine-tuning trains every parameter in mixed precision (`training_bytes_per_param`). With an
-    adapter the base is frozen in bf16 (NF4 for QLoRA, Dettmers et al. 2023) and only the adapters
-    train, in fp32: weight 4 + gradient 4 + optimizer state per parameter. Activations are the full
-    model's (`activation_bytes`, an upper bound: a frozen linear layer need not keep its input) plus
-    what the adapters keep: the fp32 r-dim A·x of each adapted matrix (B's gradient needs it) and, for
-    DoRA, the fp32 base output W·x the magnitude's gradient needs.
+    `precision` is the compute dtype: `bf16`/`fp16` (mixed precision, the default) or `fp32`.
+    Full fine-tuning trains every parameter (`training_bytes_per_param`: 16-bit weight and gradient
+    plus an fp32 master, or fp32 weight and gradient). With an adapter the base is frozen in the
+    compute dtype (NF4 for QLoRA, Dettmers et al. 2023, its other tensors in the compute dtype) and
+    only the adapters train, in fp32: weight 4 + gradient 4 + optimizer state per parameter.
+    Activations are the full model's (`activation_bytes`, an upper bound: a frozen linear layer need
+    not keep its input) plus what the adapters keep: the fp32 r-dim A·x of each adapted matrix (B's
+    gradient needs it) and, for DoRA, the fp32 d_out-dim W·x + sBA·x the magnitude's gradient needs.
+    The loss adds its peak (`loss_peak_bytes`): when backward starts, the cross-entropy holds the fp32
+    log-probabilities it saved, the gradient arriving at them and the gradient it returns to the
+    logits — two s·b·V fp32 tensors beyond the logits `activation_bytes` counts.
     """
     if adapter not in ADAPTERS:
         raise InputError(f"unknown adapter {adapter!r} — use one of {', '.join(ADAPTERS)}")
+    if precision not in FULL_PRECISION:
+        raise InputError(f"unknown precision {precision!r} — use one of {', '.join(FULL_PRECISION)}")
     c = config
     p = count_params(c)
     state = optimizer_state_bytes_per_param(optimizer)
-    activations = activation_bytes(c, batch, context, checkpointing)
+    element = int(bytes_per_element(precision))
+    activations = activation_bytes(c, batch, context, checkpointing, element)
     if adapter == "none":
-        weights_grads = p.total * (2 + 2 + 4)  # bf16 weight and gradient, fp32 master
+        # 16-bit weight and gradient + fp32 master, or fp32 weight and gradient
+        weights_grads = p.total * ((2 + 2 + 4) if element < 4 else (4 + 4))
         optimizer_bytes = p.total * state
         result: dict[str, object] = {
             "adapter": adapter,
@@ -269,18 +285,34 @@ def finetune_memory(
             "alpha": 2 * rank,
             "targets": list(picked),
             "trainable_params": trainable,
-            "base_weights_bytes": weights_bytes(p, "nf4" if adapter == "qlora" else "bf16"),
+            "base_weights_bytes": _frozen_base_bytes(p, adapter, precision),
             "trained_weights_and_gradients_bytes": weights_grads,
         }
+    loss_peak = 2 * 4 * batch * context * c.vocab_size
     result |= {
         "trainable_fraction": result["trainable_params"] / p.total,
         "optimizer": optimizer,
         "optimizer_state_bytes": optimizer_bytes,
         "activations_bytes": activations,
+        "loss_peak_bytes": loss_peak,
         "checkpointing": checkpointing,
-        "total_bytes": result["base_weights_bytes"] + weights_grads + optimizer_bytes + activations,
+        "precision": precision,
+        "total_bytes": result["base_weights_bytes"]
+        + weights_grads
+        + optimizer_bytes
+        + activations
+        + loss_peak,
     }
     return result
+
+
+def _frozen_base_bytes(p: ParamCounts, adapter: str, precision: str) -> int:
+    """The frozen base: in the compute dtype, or (QLoRA) NF4 block matrices + the rest in the compute
+    dtype."""
+    if adapter != "qlora":
+        return weights_bytes(p, precision)
+    rest = (p.total - p.quantisable) * bytes_per_element(precision)
+    return math.ceil(p.quantisable * bytes_per_element("nf4") + rest)
 
 
 def lora_memory(

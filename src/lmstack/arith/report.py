@@ -16,6 +16,7 @@ from lmstack.arith.kv_cache import kv_cache
 from lmstack.arith.memory import (
     BITS,
     CHECKPOINTING,
+    FULL_PRECISION,
     OPTIMIZER_STATE_BYTES,
     SHARDING,
     activation_bytes,
@@ -156,6 +157,7 @@ def analyze(
                 optimizer=optimizer,
                 batch=batch,
                 context=context,
+                precision=dtype if dtype in FULL_PRECISION else "bf16",  # --dtype fp32: fp32 training
             ),
         },
         "decode": decode,
@@ -286,7 +288,8 @@ def format_report(result: dict[str, Any]) -> str:
         (f"fine-tune ({ft_label}, {ft['optimizer']}, batch {i['batch']} × {i['context']})",
          f"{ft['trainable_params']:,} trainable; {size(ft['total_bytes'])} = base {ft['base_weights_bytes'] / GB:,.2f} "
          f"+ trained+grads {ft['trained_weights_and_gradients_bytes'] / GB:,.2f} + optimizer "
-         f"{ft['optimizer_state_bytes'] / GB:,.2f} + activations {ft['activations_bytes'] / GB:,.2f} GB"),
+         f"{ft['optimizer_state_bytes'] / GB:,.2f} + activations {ft['activations_bytes'] / GB:,.2f} "
+         f"+ loss {ft['loss_peak_bytes'] / GB:,.2f} GB"),
     ])  # fmt: skip
     cross = d["crossover_batch"]
     by_dtype = d["tokens_per_s_by_weight_dtype"]

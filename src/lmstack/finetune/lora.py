@@ -13,8 +13,9 @@ initialised to the row norms ‖W‖ so step 0 again equals the base) and a dire
     W' = m · (W + s B A) / ‖W + s B A‖      (norm over each output row)
 
 Following the paper's §4.3 (and PEFT), the norm is treated as a constant in backward (detached), which
-saves the memory of its graph; only m, A and B get gradients. The forward is computed as PEFT does,
-base output plus a correction, so that dropout on the adapter path leaves the base path intact:
+saves the memory of its graph; only m, A and B get gradients. With dropout the forward is computed
+as PEFT does, base output plus a correction, so that dropout on the adapter path leaves the base path
+intact; without it, as the one product m/‖W + sBA‖ · (Wx + sBAx) + b, which keeps half the memory:
 
     y = W x + b + (m/‖W + sBA‖ − 1) · W x̃ + (m/‖W + sBA‖) · s · B A x̃,    x̃ = dropout(x)
 
@@ -149,10 +150,13 @@ class LoraLinear(nn.Linear):
             return result + (self.scale * update).to(result.dtype)
         weight = self.base_weight().to(dtype)
         factor = self._dora_factor(weight, self.delta_weight())
+        bias = self.bias.to(dtype) if self.bias is not None else 0
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            base = result.to(dtype) - (self.bias.to(dtype) if self.bias is not None else 0)
-        else:
-            base = F.linear(xd, weight)  # the direction sees the same dropped-out input as the update
+            # both paths see x, so y = m/‖W + sBA‖ · (Wx + sBAx) + b: one product, whose backward keeps
+            # one (..., d_out) tensor, not Wx and BAx apart as the correction form below does
+            direction = result.to(dtype) - bias + self.scale * update
+            return (factor * direction + bias).to(result.dtype)
+        base = F.linear(xd, weight)  # the direction sees the same dropped-out input as the update
         return result + ((factor - 1) * base + factor * self.scale * update).to(result.dtype)
 
     @torch.no_grad()

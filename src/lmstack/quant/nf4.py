@@ -109,13 +109,22 @@ def nf4_absmax(q: NF4Tensor) -> torch.Tensor:
         return q.absmax
     n = q.absmax.numel()
     scale = q.absmax_scale.repeat_interleave(q.double_block)[:n]
-    return DYNAMIC_CODE[q.absmax.long()] * scale + q.offset
+    return DYNAMIC_CODE.to(q.absmax.device).index_select(0, q.absmax.int()) * scale + q.offset
+
+
+# The two levels each byte holds (high nibble first): decoding looks a byte up once, rather than
+# splitting nibbles and looking each up (QLoRA decodes every frozen matrix twice per training step).
+BYTE_LEVELS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # (256, 2)
 
 
 def nf4_dequantize(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """level × block absmax for every value, in `dtype`."""
     numel = 1
     for size in q.shape:
         numel *= size
-    codes = torch.stack([q.packed >> 4, q.packed & 0x0F], dim=-1).reshape(-1)[:numel]
-    scale = nf4_absmax(q).repeat_interleave(q.block)[:numel]
-    return (NF4_CODE[codes.long()] * scale).reshape(q.shape).to(dtype)
+    levels = BYTE_LEVELS.to(q.packed.device).index_select(0, q.packed.int()).reshape(-1)  # (2 · bytes,)
+    absmax = nf4_absmax(q)
+    if levels.numel() != absmax.numel() * q.block:  # a short last block
+        levels = torch.nn.functional.pad(levels, (0, absmax.numel() * q.block - levels.numel()))
+    values = levels.view(-1, q.block) * absmax[:, None]  # (n_blocks, block): each block by its absmax
+    return values.view(-1)[:numel].reshape(q.shape).to(dtype)

@@ -34,6 +34,7 @@ from lmstack.train.optim import param_groups
 
 BLOCK_SIZE = 2048
 MIN_8BIT_SIZE = 4096
+CHUNK_BLOCKS = 256  # blocks dequantised at a time by a step (see AdamW8bit._update_8bit)
 
 
 def dynamic_map(signed: bool = True, exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
@@ -81,6 +82,31 @@ def dequantize_blockwise(
     n = flat.numel()
     blocks = torch.nn.functional.pad(flat, (0, -n % block_size)).view(-1, block_size)
     return (blocks * absmax[:, None]).view(-1)[:n].view(codes.shape)
+
+
+def adamw_update(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    t: float,
+) -> None:
+    """One AdamW step of `p` in place, in fp32, with fp32 moments `m`, `v` (updated in place)."""
+    g = grad.float()
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+    weights = p.float()  # p itself when p is fp32
+    if weight_decay:
+        weights.mul_(1 - lr * weight_decay)  # decoupled decay (Loshchilov & Hutter 2019)
+    weights.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+    if weights is not p:
+        p.copy_(weights)
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -147,39 +173,38 @@ class AdamW8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p))
-                quantised = "exp_avg_codes" in state
-                signed_map, unsigned_map = self.qmap(True, p.device), self.qmap(False, p.device)
-                if quantised:
-                    m = dequantize_blockwise(
-                        state["exp_avg_codes"], state["exp_avg_absmax"], signed_map, self.block_size
-                    )
-                    v = dequantize_blockwise(
-                        state["exp_avg_sq_codes"],
-                        state["exp_avg_sq_absmax"],
-                        unsigned_map,
-                        self.block_size,
-                    )
-                else:
-                    m, v = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
-                t = state["step"].item()
-                g = p.grad.float()
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-                weights = p.float()
-                if wd:
-                    weights.mul_(1 - lr * wd)  # decoupled decay (Loshchilov & Hutter 2019)
-                weights.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
-                p.copy_(weights)
-                if quantised:
-                    state["exp_avg_codes"], state["exp_avg_absmax"] = quantize_blockwise(
-                        m, signed_map, self.block_size
-                    )
-                    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quantize_blockwise(
-                        v, unsigned_map, self.block_size
-                    )
+                hyper = (beta1, beta2, lr, eps, wd, state["step"].item())
+                if "exp_avg_codes" not in state:
+                    adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hyper)
+                    continue
+                self._update_8bit(p, state, hyper)
         return loss
+
+    def _update_8bit(self, p: torch.Tensor, state: dict[str, torch.Tensor], hyper: tuple) -> None:
+        """Dequantise, update and requantise `CHUNK_BLOCKS` blocks at a time: the step then holds fp32
+        moments and temporaries for one chunk (~15 MB with blocks of 2048) beside the 8-bit state, never
+        for the whole tensor (~5 GB for a 50k × 4096 embedding). Blocks are independent, so the result
+        is the same as one pass over the whole tensor."""
+        bs = self.block_size
+        signed_map, unsigned_map = self.qmap(True, p.device), self.qmap(False, p.device)
+        work = p if p.is_contiguous() else p.contiguous()
+        flat, grad = work.view(-1), p.grad.reshape(-1)
+        m_codes, v_codes = state["exp_avg_codes"].view(-1), state["exp_avg_sq_codes"].view(-1)
+        m_absmax, v_absmax = state["exp_avg_absmax"], state["exp_avg_sq_absmax"]
+        chunk = CHUNK_BLOCKS * bs
+        for start in range(0, flat.numel(), chunk):
+            end = min(start + chunk, flat.numel())
+            blocks = slice(start // bs, -(-end // bs))
+            m = dequantize_blockwise(m_codes[start:end], m_absmax[blocks], signed_map, bs)
+            v = dequantize_blockwise(v_codes[start:end], v_absmax[blocks], unsigned_map, bs)
+            adamw_update(flat[start:end], grad[start:end], m, v, *hyper)
+            codes, absmax = quantize_blockwise(m, signed_map, bs)
+            m_codes[start:end], m_absmax[blocks] = codes, absmax
+            codes, absmax = quantize_blockwise(v, unsigned_map, bs)
+            v_codes[start:end], v_absmax[blocks] = codes, absmax
+        if work is not p:
+            p.copy_(work)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As `torch.optim.Optimizer`'s, but state tensors keep their own dtypes: torch would cast them
