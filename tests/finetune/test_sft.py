@@ -161,6 +161,12 @@ def test_lora_run_writes_peft_adapters_and_resumes_exactly(base_dir, sft_file, t
     hf = transformers.AutoModelForCausalLM.from_pretrained(start, torch_dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, whole.adapter).eval()
     merged, tok = load_model_and_tokenizer(ckpt)
+    # the ChatML rows the base lacked trained beside the adapters (PEFT's trainable_token_indices):
+    # they started equal (the mean row) and now differ
+    chatml = [tok.special_tokens["<|im_start|>"], tok.special_tokens["<|im_end|>"]]
+    assert adapter_config["trainable_token_indices"] == {"model.embed_tokens": chatml, "lm_head": chatml}
+    for layer in (merged.tok_emb, merged.lm_head):
+        assert (layer.weight[chatml[0]] - layer.weight[chatml[1]]).abs().max() > 1e-3
     ids = torch.tensor(
         [tok.render_chat([{"role": "user", "content": "Add 2 and 3."}], add_generation_prompt=True)[0]]
     )

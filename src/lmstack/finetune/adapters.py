@@ -6,6 +6,8 @@
   LoRA folder whose tensor names are the Hugging Face module paths of interop's weight maps
   (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) and whose
   `base_model_name_or_path` is the base the run started from;
+- new vocabulary rows (the ChatML tokens a base without a chat template gets) train as PEFT's
+  `trainable_token_indices` (tokens.py), saved in the same adapter folder;
 - resume: the frozen base comes from the run's starting model (its hash is checked by the method) and
   the adapters from `adapter/`, so training goes on exactly where it stopped.
 """
@@ -13,14 +15,32 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from lmstack.errors import InputError
-from lmstack.finetune.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter, unload_lora
+from lmstack.finetune.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoraConfig,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    save_adapter,
+    unload_lora,
+)
+from lmstack.finetune.tokens import (
+    apply_token_rows,
+    is_token_key,
+    load_token_rows,
+    peft_token_rows,
+    unload_token_rows,
+)
 
 ADAPTER_DIR = "adapter"
 ADAPTERS = ("none", "lora", "dora")
@@ -42,10 +62,12 @@ def hf_module_names(model: nn.Module) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class AdapterSetup:
-    """Adapters for a fine-tuning method: None trains every weight."""
+    """Adapters for a fine-tuning method: None trains every weight. `token_ids`: vocabulary rows that
+    train beside the adapters (new tokens the base never learnt)."""
 
     lora: LoraConfig | None = None
     base_path: str | None = None  # written into the PEFT folder's base_model_name_or_path
+    token_ids: tuple[int, ...] = ()
 
     def prepare(self, model: nn.Module, seed: int = 0) -> nn.Module:
         """Freeze `model` and inject the adapters, their A matrices drawn from `seed` (a run and its
@@ -55,6 +77,8 @@ class AdapterSetup:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             apply_lora(model, self.lora)
+        if self.token_ids:
+            apply_token_rows(model, self.token_ids)
         names = hf_module_names(model)
         unmapped = sorted(p for p in lora_layers(model) if p not in names)
         if unmapped:
@@ -69,15 +93,19 @@ class AdapterSetup:
         """A copy with the adapters merged in and plain linear layers (the trained model as a checkpoint)."""
         if self.lora is None:
             return model
-        return unload_lora(copy.deepcopy(model))
+        return unload_token_rows(unload_lora(copy.deepcopy(model)))
 
     def save_files(self, model: nn.Module, folder: Path) -> None:
         if self.lora is not None:
+            names = hf_module_names(model)
+            tensors, config = peft_token_rows(model, names)
             save_adapter(
                 model,
                 folder / ADAPTER_DIR,
                 base_model_name_or_path=self.base_path,
-                name_map=hf_module_names(model),
+                name_map=names,
+                extra_tensors=tensors,
+                extra_config=config,
             )
 
     def load_weights(self, model: nn.Module, folder: Path) -> None:
@@ -87,7 +115,17 @@ class AdapterSetup:
 
             load_model_weights(model, folder)
             return
-        load_adapter(model, folder / ADAPTER_DIR, name_map=hf_module_names(model))
+        load_peft_folder(model, folder / ADAPTER_DIR)
+
+
+def load_peft_folder(model: nn.Module, path: str | Path) -> nn.Module:
+    """A PEFT LoRA/DoRA folder into `model` (in place): the adapters, and the trainable token rows when
+    its config lists `trainable_token_indices`."""
+    names = hf_module_names(model)
+    load_adapter(model, path, name_map=names, skip=is_token_key)
+    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    tensors = safetensors.torch.load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    return load_token_rows(model, tensors, config, names)
 
 
 def lora_config_for(
@@ -121,7 +159,7 @@ def load_with_adapter(
         path = Path(adapter).expanduser()
         if not path.is_dir():
             raise InputError(f"adapter folder not found: {path} — give a folder with adapter_config.json")
-        load_adapter(base, path, name_map=hf_module_names(base))
+        load_peft_folder(base, path)
         base.eval()
     return base, tokenizer
 
@@ -136,6 +174,6 @@ def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, *, dt
     if dtype not in dtypes:
         raise InputError(f"unknown dtype {dtype!r} — use one of {', '.join(dtypes)}")
     base, tokenizer = load_model_and_tokenizer(model, dtype=torch.float32)  # merge in fp32, then cast
-    load_adapter(base, adapter, name_map=hf_module_names(base))
-    merged = unload_lora(base).to(dtypes[dtype])
+    load_peft_folder(base, adapter)
+    merged = unload_token_rows(unload_lora(base)).to(dtypes[dtype])
     return save_pretrained(merged, Path(out).expanduser(), tokenizer=tokenizer)
