@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 HELD_OUT = 50
 MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "head_dim": 16, "d_ff": 168}
-PRETRAIN = {"steps": 120, "batch": 16, "seq_len": 128, "lr": 3e-3}
+PRETRAIN = {"steps": 200, "batch": 16, "seq_len": 128, "lr": 3e-3}
 THREADS = 2
 EXACT_FIELDS = 0.15
 
@@ -96,7 +96,7 @@ def run(base: Path, out: Path, **changes) -> object:
 
 
 def test_sft_lora_teaches_the_loan_answers(pretrained, tmp_path):
-    result = run(pretrained, tmp_path / "sft", max_steps=200, eval_interval=200)
+    result = run(pretrained, tmp_path / "sft", max_steps=300, eval_interval=300)
     assert result.data_summary.startswith("400 of 400 examples kept")
     parseable_before, exact_before = answer_scores(tmp_path / "sft" / "base")  # the chat-ready start
     parseable, exact = answer_scores(result.train.checkpoint)

@@ -5,6 +5,7 @@ lmstack finetune --model runs/base --adapter lora --out runs/loans            # 
 lmstack finetune --model runs/base --data chats.jsonl --packing --epochs 2 --out runs/chat
 lmstack finetune --model runs/chat --method dpo --data prefs.jsonl --out runs/dpo
 lmstack finetune --resume --out runs/loans
+lmstack finetune --model runs/base --adapter qlora --optimizer adamw8bit --out runs/qloans
 lmstack merge --model runs/loans/base --adapter runs/loans/checkpoints/step_100/adapter --out merged/
 """
 
@@ -34,7 +35,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--method", choices=("sft", "dpo"), help="default sft")
     p.add_argument("--out", metavar="DIR", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--adapter", choices=("none", "lora", "dora"), help="default none (every weight trains)")
+    p.add_argument(
+        "--adapter",
+        choices=("none", "lora", "dora", "qlora"),
+        help="default none (every weight trains); qlora: LoRA on the base stored in NF4",
+    )
     p.add_argument("--lora-rank", type=int, metavar="R")
     p.add_argument("--lora-alpha", type=float, metavar="A")
     p.add_argument("--lora-dropout", type=float, metavar="P")
@@ -64,8 +69,11 @@ def register(subparsers: Any) -> None:
 
     m = subparsers.add_parser(
         "merge",
-        help="fold a LoRA/DoRA adapter folder into its base model",
-        description="Merge a PEFT LoRA/DoRA adapter into its base and save an ordinary checkpoint folder.",
+        help="fold a LoRA/DoRA/QLoRA adapter folder into its base model",
+        description=(
+            "Merge a PEFT LoRA/DoRA adapter into its base and save an ordinary checkpoint folder. A QLoRA "
+            "adapter is merged into the NF4-decoded base it was trained on."
+        ),
     )
     m.add_argument("--model", required=True, metavar="DIR", help="the base the adapter was trained on")
     m.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder")

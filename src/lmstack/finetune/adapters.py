@@ -10,6 +10,10 @@
   `trainable_token_indices` (tokens.py), saved in the same adapter folder;
 - resume: the frozen base comes from the run's starting model (its hash is checked by the method) and
   the adapters from `adapter/`, so training goes on exactly where it stopped.
+
+QLoRA (`qlora=True`, finetune/qlora.py) is the same with the frozen base stored in NF4: the checkpoint's
+weights are then the adapters merged into the decoded NF4 base, the base they were trained on, and
+the adapter folder also holds `base_quantization.json`, so loading or merging it rebuilds that base.
 """
 
 from __future__ import annotations
@@ -43,16 +47,23 @@ from lmstack.finetune.tokens import (
 )
 
 ADAPTER_DIR = "adapter"
-ADAPTERS = ("none", "lora", "dora")
+ADAPTERS = ("none", "lora", "dora", "qlora")
 
 
 def hf_module_names(model: nn.Module) -> dict[str, str]:
     """Our linear module paths -> the Hugging Face model's, from interop's weight map of the model's
     family (only layers stored one-to-one under a `.weight` name; fused HF tensors have no such path)."""
+    from lmstack.compress.linear import QuantLinear
+    from lmstack.finetune.qlora import QLoraLinear
     from lmstack.interop.hf import WEIGHT_MAPS, expand
 
     config = model.config
     shapes = {n: p.shape for n, p in model.state_dict().items()}
+    # a layer stored in NF4 (QLoRA) has no `.weight` tensor; it keeps the float layer's path and name
+    adapted = {path for path, m in model.named_modules() if isinstance(m, QLoraLinear)}
+    for path, m in model.named_modules():
+        if path in adapted or (isinstance(m, QuantLinear) and path.rpartition(".")[0] not in adapted):
+            shapes[f"{path}.weight"] = torch.Size((m.out_features, m.in_features))
     out = {}
     for m in expand(WEIGHT_MAPS[config.family].layouts[0], config, shapes):
         if m.transform == "same" and len(m.ours) == 1 and m.ours[0].endswith(".weight"):
@@ -67,7 +78,14 @@ class AdapterSetup:
 
     lora: LoraConfig | None = None
     base_path: str | None = None  # written into the PEFT folder's base_model_name_or_path
+    qlora: bool = False  # store the frozen base in NF4 (QLoRA)
     token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.qlora and self.lora is None:
+            raise InputError(
+                "QLoRA trains adapters on the NF4 base — give a LoraConfig (adapter qlora, not none)"
+            )
 
     def prepare(self, model: nn.Module, seed: int = 0) -> nn.Module:
         """Freeze `model` and inject the adapters, their A matrices drawn from `seed` (a run and its
@@ -76,7 +94,12 @@ class AdapterSetup:
             return model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            apply_lora(model, self.lora)
+            if self.qlora:
+                from lmstack.finetune.qlora import apply_qlora
+
+                apply_qlora(model, self.lora)
+            else:
+                apply_lora(model, self.lora)
         if self.token_ids:
             apply_token_rows(model, self.token_ids)
         names = hf_module_names(model)
@@ -89,10 +112,23 @@ class AdapterSetup:
             )
         return model
 
+    def frozen_base(self, model: nn.Module) -> nn.Module:
+        """The starting model as the adapted model sees it before training: its base stored in NF4
+        under QLoRA, else unchanged (a DPO reference that equals the policy at step 0)."""
+        if not self.qlora:
+            return model
+        from lmstack.finetune.qlora import quantize_base
+
+        return quantize_base(model)
+
     def checkpoint_model(self, model: nn.Module) -> nn.Module:
         """A copy with the adapters merged in and plain linear layers (the trained model as a checkpoint)."""
         if self.lora is None:
             return model
+        if self.qlora:
+            from lmstack.finetune.qlora import merge_qlora
+
+            return unload_token_rows(merge_qlora(copy.deepcopy(model)))
         return unload_token_rows(unload_lora(copy.deepcopy(model)))
 
     def save_files(self, model: nn.Module, folder: Path) -> None:
@@ -107,6 +143,10 @@ class AdapterSetup:
                 extra_tensors=tensors,
                 extra_config=config,
             )
+            if self.qlora:
+                from lmstack.finetune.qlora import write_base_quantization
+
+                write_base_quantization(folder / ADAPTER_DIR)
 
     def load_weights(self, model: nn.Module, folder: Path) -> None:
         """Resume: the adapters from `folder/adapter` (the frozen base is the run's starting model)."""
@@ -137,7 +177,8 @@ def lora_config_for(
     targets: str = "q,v",
     rslora: bool = False,
 ) -> LoraConfig | None:
-    """The `LoraConfig` an `--adapter none|lora|dora` choice means (None: full fine-tuning)."""
+    """The `LoraConfig` an `--adapter none|lora|dora|qlora` choice means (None: full fine-tuning);
+    QLoRA's adapters are LoRA's, on an NF4 base (`AdapterSetup.qlora`)."""
     if adapter not in ADAPTERS:
         raise InputError(f"unknown adapter {adapter!r} — use one of {', '.join(ADAPTERS)}")
     if adapter == "none":
@@ -147,33 +188,61 @@ def lora_config_for(
     )
 
 
+def _adapter_folder(adapter: str | Path) -> Path:
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise InputError(f"adapter folder not found: {path} — give a folder with adapter_config.json")
+    return path
+
+
+def _load_onto(model: str | Path, adapter: Path, dtype: torch.dtype | str | None) -> tuple[nn.Module, object]:
+    """The base with the adapter folder's adapters (unmerged); a QLoRA adapter's base is first stored
+    in NF4 exactly as in training: quantized from its float32 weights, then cast to `dtype`."""
+    from lmstack.finetune.qlora import check_float_base, has_nf4_base, quantize_base
+    from lmstack.interop.folders import load_model_and_tokenizer, resolve_model_dir
+
+    if not has_nf4_base(adapter):
+        base, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+        load_peft_folder(base, adapter)
+        return base, tokenizer
+    check_float_base(resolve_model_dir(Path(model).expanduser()))
+    base, tokenizer = load_model_and_tokenizer(model, dtype=torch.float32)
+    load_peft_folder(base, adapter)
+    quantize_base(base)  # keeps the loaded adapter tensors (DoRA magnitudes included)
+    if dtype is not None:
+        base.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return base, tokenizer
+
+
 def load_with_adapter(
     model: str | Path, adapter: str | Path | None = None, *, dtype: torch.dtype | str | None = None
 ) -> tuple[nn.Module, object]:
     """A model and its tokenizer (`interop.folders.load_model_and_tokenizer`), with a PEFT LoRA/DoRA
-    folder applied unmerged on top when `adapter` is given: what `--adapter DIR` means to every command."""
+    folder applied unmerged on top when `adapter` is given: what `--adapter DIR` means to every command.
+    A QLoRA adapter (its folder holds `base_quantization.json`) runs on the NF4 base it was trained on."""
     from lmstack.interop.folders import load_model_and_tokenizer
 
-    base, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
-    if adapter is not None:
-        path = Path(adapter).expanduser()
-        if not path.is_dir():
-            raise InputError(f"adapter folder not found: {path} — give a folder with adapter_config.json")
-        load_peft_folder(base, path)
-        base.eval()
-    return base, tokenizer
+    if adapter is None:
+        return load_model_and_tokenizer(model, dtype=dtype)
+    base, tokenizer = _load_onto(model, _adapter_folder(adapter), dtype)
+    return base.eval(), tokenizer
 
 
 def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
     """Fold a PEFT LoRA/DoRA folder into its base model and save the result as an ordinary checkpoint
-    folder (plain linear layers, the base's tokenizer) in `dtype` (fp32, bf16 or fp16)."""
-    from lmstack.interop.folders import load_model_and_tokenizer
+    folder (plain linear layers, the base's tokenizer) in `dtype` (fp32, bf16 or fp16).
+
+    A QLoRA adapter is folded into the base it was trained on, the NF4-decoded weights
+    dequant(nf4(W)) + sBA, not the float W: merged logits equal the adapter's on the NF4 base."""
+    from lmstack.finetune.qlora import has_nf4_base, merge_qlora
     from lmstack.interop.hf import save_pretrained
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise InputError(f"unknown dtype {dtype!r} — use one of {', '.join(dtypes)}")
-    base, tokenizer = load_model_and_tokenizer(model, dtype=torch.float32)  # merge in fp32, then cast
-    load_peft_folder(base, adapter)
-    merged = unload_token_rows(unload_lora(base)).to(dtypes[dtype])
+    path = _adapter_folder(adapter)
+    base, tokenizer = _load_onto(model, path, torch.float32)  # merge in fp32, then cast
+    merged = unload_token_rows(merge_qlora(base) if has_nf4_base(path) else unload_lora(base)).to(
+        dtypes[dtype]
+    )
     return save_pretrained(merged, Path(out).expanduser(), tokenizer=tokenizer)

@@ -134,6 +134,8 @@ class DPO(SFT):
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         spec = self.reference_spec or self.tokenizer_path
         self.reference, self.reference_record = load_frozen_model(spec, ctx.device)
+        if self.reference_spec is None:  # the policy's step 0 (an NF4 base under QLoRA)
+            self.reference = self.adapters.frozen_base(self.reference)
         return super().prepare(model, ctx)
 
     def pair_loss(

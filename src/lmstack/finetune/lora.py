@@ -130,8 +130,16 @@ class LoraLinear(nn.Linear):
         norm = torch.linalg.vector_norm(weight + delta.detach(), dim=1).detach()
         return self.lora_magnitude / norm  # (d_out,)
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen W (d_out, d_in); QLoRA's subclass decodes it from NF4 here."""
+        return self.weight
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W x + b, the frozen layer's output."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        result = self.base_forward(x)
         if self.merged:
             return result
         dtype = self.lora_A.dtype
@@ -139,7 +147,7 @@ class LoraLinear(nn.Linear):
         update = F.linear(F.linear(xd, self.lora_A), self.lora_B)  # (..., d_in) -> (..., r) -> (..., d_out)
         if not self.use_dora:
             return result + (self.scale * update).to(result.dtype)
-        weight = self.weight.to(dtype)
+        weight = self.base_weight().to(dtype)
         factor = self._dora_factor(weight, self.delta_weight())
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base = result.to(dtype) - (self.bias.to(dtype) if self.bias is not None else 0)
@@ -247,7 +255,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     layers = lora_layers(model)
     for path, layer in layers.items():
         others = sorted(
-            set(holders[id(layer.weight)]) - {n for n, m in layers.items() if m is layer} - {path}
+            set(holders.get(id(getattr(layer, "weight", None)), ()))  # an NF4 base has no float weight
+            - {n for n, m in layers.items() if m is layer}
+            - {path}
         )
         if others:
             raise InputError(

@@ -129,9 +129,12 @@ def build_method(config: FinetuneConfig, tokenizer_path: Path, base: dict[str, s
     )  # fmt: skip
     from lmstack.finetune.vocab import added_token_ids
 
-    # the base the adapter applies to; the rows of tokens it added train beside the adapters
+    # the base the adapter applies to (QLoRA stores it in NF4); the rows of tokens it added train beside
+    # the adapters
     new_rows = added_token_ids(Path(base["path"]), tokenizer_path) if lora is not None else ()
-    adapters = AdapterSetup(lora, base_path=str(tokenizer_path), token_ids=new_rows)
+    adapters = AdapterSetup(
+        lora, base_path=str(tokenizer_path), qlora=config.adapter == "qlora", token_ids=new_rows
+    )
     data = config.data or str(shipped_dataset("train"))
     common = dict(
         tokenizer_path=tokenizer_path, val_data=config.val_data, val_fraction=config.val_fraction,
@@ -173,6 +176,10 @@ def finetune(config: FinetuneConfig, *, hooks: Any = None) -> FinetuneResult:
             f"{out} already holds a fine-tuning run — pass --resume to continue it, or another --out"
         )
     base_dir = resolve_model_dir(config.model)
+    if config.adapter == "qlora":
+        from lmstack.finetune.qlora import check_float_base
+
+        check_float_base(base_dir)
     base = _record(base_dir)
     if config.resume and saved_path.is_file():
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
