@@ -24,7 +24,8 @@ def answers(model, tok, rows, max_new_tokens: int) -> list[str]:
         for r in rows
     ]
     out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
-    # the two new ChatML tokens start from the same (mean) rows, which LoRA leaves frozen: cut at either
+    # generation stops at <|im_end|> (the chat base's EOS, whose rows train beside the adapters); cut at
+    # a stray turn start or line break too, so a run-on answer is scored on its first line
     texts = [tok.decode(ids) for ids in out]
     return [t.split("<|im_end|>")[0].split("<|im_start|>")[0].split("\n")[0] for t in texts]
 

@@ -21,11 +21,10 @@ from torch import nn
 from lmstack.cli import main
 from lmstack.compress.linear import QuantLinear, QuantScheme, swap
 from lmstack.errors import InputError
-from lmstack.finetune.adapters import hf_module_names, load_with_adapter
+from lmstack.finetune.adapters import hf_module_names, load_peft_folder, load_with_adapter
 from lmstack.finetune.lora import (
     LoraConfig,
     LoraLinear,
-    load_adapter,
     merge_lora,
     save_adapter,
     trainable_parameters,
@@ -41,6 +40,7 @@ from lmstack.finetune.qlora import (
     quantize_base,
 )
 from lmstack.finetune.run import FinetuneConfig, finetune
+from lmstack.finetune.tokens import TokenHead
 from lmstack.interop.folders import load_model_and_tokenizer
 from lmstack.interop.hf import save_pretrained
 from lmstack.quant import nf4_dequantize, nf4_quantize
@@ -49,7 +49,8 @@ from lmstack.train.metrics import read_metrics
 
 
 def float_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear or type(m) is LoraLinear}
+    # TokenHead: an LM head whose new (ChatML) rows train beside the adapters, still a float layer
+    return {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, LoraLinear, TokenHead)}
 
 
 def nf4_rounded(model: nn.Module) -> nn.Module:
@@ -262,7 +263,7 @@ def test_qlora_run_with_8bit_adamw_resumes_exactly_and_merges_into_the_nf4_base(
     assert f"wrote {tmp_path / 'merged_bf16'}" in capsys.readouterr().out
     on_nf4, tokenizer = load_with_adapter(start, adapter)
     on_float = load_model_and_tokenizer(start)[0]
-    load_adapter(on_float, adapter, name_map=hf_module_names(on_float))
+    load_peft_folder(on_float, adapter)  # the LoRA tensors and the trained ChatML rows
     x = torch.tensor([tokenizer.render_chat([{"role": "user", "content": "Add 2 and 3."}], add_generation_prompt=True)[0]])  # fmt: skip
     with torch.no_grad():
         want = on_nf4(x)

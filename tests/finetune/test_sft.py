@@ -95,15 +95,18 @@ def test_packed_loss_equals_unpacked_loss(chat_base, sft_file):
     starts = (packed["positions"] == 0) & (packed["segments"] >= 0)
     assert int(starts.sum()) == len(examples)
     unpacked = pad_batch([e for row in rows for e in row])
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
     with torch.no_grad():
         a, na = sft_loss(model, packed)
+        assert shapes == [(len(rows), 96)]  # the packed rows run as they are: one sequence each
         b, nb = sft_loss(model, unpacked)
         # the reference: each example alone, token-weighted
         alone = [sft_loss(model, pad_batch([e])) for row in rows for e in row]
     ref = sum(loss * n for loss, n in alone) / sum(n for _, n in alone)
     assert int(na) == int(nb)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a, ref, rtol=0, atol=1e-5)
 
 
 def test_chat_base_grows_the_vocabulary_with_mean_rows(base_dir, chat_base):
@@ -161,6 +164,12 @@ def test_lora_run_writes_peft_adapters_and_resumes_exactly(base_dir, sft_file, t
     hf = transformers.AutoModelForCausalLM.from_pretrained(start, torch_dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, whole.adapter).eval()
     merged, tok = load_model_and_tokenizer(ckpt)
+    # the ChatML rows the base lacked trained beside the adapters (PEFT's trainable_token_indices):
+    # they started equal (the mean row) and now differ
+    chatml = [tok.special_tokens["<|im_start|>"], tok.special_tokens["<|im_end|>"]]
+    assert adapter_config["trainable_token_indices"] == {"model.embed_tokens": chatml, "lm_head": chatml}
+    for layer in (merged.tok_emb, merged.lm_head):
+        assert (layer.weight[chatml[0]] - layer.weight[chatml[1]]).abs().max() > 1e-3
     ids = torch.tensor(
         [tok.render_chat([{"role": "user", "content": "Add 2 and 3."}], add_generation_prompt=True)[0]]
     )

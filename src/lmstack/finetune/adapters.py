@@ -6,6 +6,8 @@
   LoRA folder whose tensor names are the Hugging Face module paths of interop's weight maps
   (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) and whose
   `base_model_name_or_path` is the base the run started from;
+- new vocabulary rows (the ChatML tokens a base without a chat template gets) train as PEFT's
+  `trainable_token_indices` (tokens.py), saved in the same adapter folder;
 - resume: the frozen base comes from the run's starting model (its hash is checked by the method) and
   the adapters from `adapter/`, so training goes on exactly where it stopped.
 
@@ -17,14 +19,32 @@ the adapter folder also holds `base_quantization.json`, so loading or merging it
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from lmstack.errors import InputError
-from lmstack.finetune.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter, unload_lora
+from lmstack.finetune.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoraConfig,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    save_adapter,
+    unload_lora,
+)
+from lmstack.finetune.tokens import (
+    apply_token_rows,
+    is_token_key,
+    load_token_rows,
+    peft_token_rows,
+    unload_token_rows,
+)
 
 ADAPTER_DIR = "adapter"
 ADAPTERS = ("none", "lora", "dora", "qlora")
@@ -53,11 +73,13 @@ def hf_module_names(model: nn.Module) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class AdapterSetup:
-    """Adapters for a fine-tuning method: None trains every weight."""
+    """Adapters for a fine-tuning method: None trains every weight. `token_ids`: vocabulary rows that
+    train beside the adapters (new tokens the base never learnt)."""
 
     lora: LoraConfig | None = None
     base_path: str | None = None  # written into the PEFT folder's base_model_name_or_path
     qlora: bool = False  # store the frozen base in NF4 (QLoRA)
+    token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.qlora and self.lora is None:
@@ -78,6 +100,8 @@ class AdapterSetup:
                 apply_qlora(model, self.lora)
             else:
                 apply_lora(model, self.lora)
+        if self.token_ids:
+            apply_token_rows(model, self.token_ids)
         names = hf_module_names(model)
         unmapped = sorted(p for p in lora_layers(model) if p not in names)
         if unmapped:
@@ -104,16 +128,20 @@ class AdapterSetup:
         if self.qlora:
             from lmstack.finetune.qlora import merge_qlora
 
-            return merge_qlora(copy.deepcopy(model))
-        return unload_lora(copy.deepcopy(model))
+            return unload_token_rows(merge_qlora(copy.deepcopy(model)))
+        return unload_token_rows(unload_lora(copy.deepcopy(model)))
 
     def save_files(self, model: nn.Module, folder: Path) -> None:
         if self.lora is not None:
+            names = hf_module_names(model)
+            tensors, config = peft_token_rows(model, names)
             save_adapter(
                 model,
                 folder / ADAPTER_DIR,
                 base_model_name_or_path=self.base_path,
-                name_map=hf_module_names(model),
+                name_map=names,
+                extra_tensors=tensors,
+                extra_config=config,
             )
             if self.qlora:
                 from lmstack.finetune.qlora import write_base_quantization
@@ -127,7 +155,17 @@ class AdapterSetup:
 
             load_model_weights(model, folder)
             return
-        load_adapter(model, folder / ADAPTER_DIR, name_map=hf_module_names(model))
+        load_peft_folder(model, folder / ADAPTER_DIR)
+
+
+def load_peft_folder(model: nn.Module, path: str | Path) -> nn.Module:
+    """A PEFT LoRA/DoRA folder into `model` (in place): the adapters, and the trainable token rows when
+    its config lists `trainable_token_indices`."""
+    names = hf_module_names(model)
+    load_adapter(model, path, name_map=names, skip=is_token_key)
+    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    tensors = safetensors.torch.load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    return load_token_rows(model, tensors, config, names)
 
 
 def lora_config_for(
@@ -165,11 +203,11 @@ def _load_onto(model: str | Path, adapter: Path, dtype: torch.dtype | str | None
 
     if not has_nf4_base(adapter):
         base, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
-        load_adapter(base, adapter, name_map=hf_module_names(base))
+        load_peft_folder(base, adapter)
         return base, tokenizer
     check_float_base(resolve_model_dir(Path(model).expanduser()))
     base, tokenizer = load_model_and_tokenizer(model, dtype=torch.float32)
-    load_adapter(base, adapter, name_map=hf_module_names(base))
+    load_peft_folder(base, adapter)
     quantize_base(base)  # keeps the loaded adapter tensors (DoRA magnitudes included)
     if dtype is not None:
         base.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
@@ -204,5 +242,7 @@ def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, *, dt
         raise InputError(f"unknown dtype {dtype!r} — use one of {', '.join(dtypes)}")
     path = _adapter_folder(adapter)
     base, tokenizer = _load_onto(model, path, torch.float32)  # merge in fp32, then cast
-    merged = (merge_qlora(base) if has_nf4_base(path) else unload_lora(base)).to(dtypes[dtype])
+    merged = unload_token_rows(merge_qlora(base) if has_nf4_base(path) else unload_lora(base)).to(
+        dtypes[dtype]
+    )
     return save_pretrained(merged, Path(out).expanduser(), tokenizer=tokenizer)

@@ -16,12 +16,11 @@ An example longer than the sequence length is dropped, or cut keeping its end (`
 no assistant token is dropped and counted too.
 
 Packing concatenates consecutive examples into rows of at most `seq_len` tokens with positions
-restarting at 0 at each example. The model's attention rule is positional — within a row, a query sees
-every earlier key (`model.masks.sees`) — so attention that stops at an example's boundary cannot be
-expressed through its forward, and restarted positions alone would let an example attend to the one
-before it. `segment_batch` therefore cuts a packed row back into its examples as a right-padded batch
-for the forward, which makes the packed loss exactly the unpacked one; packing then fixes the number of
-tokens in each micro-batch (a token budget) instead of the number of examples.
+restarting at 0 at each example, and `segments` numbering the examples of a row. The row runs through
+the model as one sequence; the segments are its document mask (`model.masks.attention_mask`): a token
+attends only to earlier tokens of its own example, so the packed loss is exactly the unpacked one, with
+no compute spent on padding (Krell et al. 2021, "Efficient sequence packing without
+cross-contamination").
 """
 
 from __future__ import annotations
@@ -242,8 +241,8 @@ def pack_rows(examples: Sequence[Example], seq_len: int) -> list[list[Example]]:
 
 
 def packed_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Packed rows (B, seq_len): ids, labels, positions restarting at each example, and `segments`
-    (the example's index in its row, -1 on padding)."""
+    """Packed rows (B, seq_len): ids, labels, positions restarting at each example, `segments` (the
+    example's index in its row, -1 on padding) and the padding mask."""
     B = len(rows)
     ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((B, seq_len), IGNORE, dtype=torch.long)
@@ -255,27 +254,8 @@ def packed_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 
             n = len(e.ids)
             ids[b, start : start + n] = torch.tensor(e.ids)
             labels[b, start : start + n] = torch.tensor(e.labels)
+            labels[b, start] = IGNORE  # never predicted alone: not from the previous example's end either
             positions[b, start : start + n] = torch.arange(n)
             segments[b, start : start + n] = s
             start += n
-    return {"ids": ids, "labels": labels, "positions": positions, "segments": segments}
-
-
-def segment_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A packed batch cut at its example boundaries into a right-padded batch of its examples (see the
-    module doc): the forward then sees each example alone, exactly as unpacked."""
-    segments = batch["segments"]
-    B, T = segments.shape
-    flat = torch.arange(B * T, device=segments.device).view(B, T)
-    spans = [flat[b][segments[b] == s] for b in range(B) for s in range(int(segments[b].max()) + 1)]
-    where = torch.full((len(spans), max(len(s) for s in spans)), -1, dtype=torch.long, device=segments.device)
-    for k, idx in enumerate(spans):
-        where[k, : len(idx)] = idx
-    valid = where >= 0  # (n_examples, longest)
-    take = where.clamp(min=0)
-    return {
-        "ids": batch["ids"].flatten()[take] * valid,
-        "labels": batch["labels"].flatten()[take].masked_fill(~valid, IGNORE),
-        "positions": batch["positions"].flatten()[take] * valid,
-        "mask": valid,
-    }
+    return {"ids": ids, "labels": labels, "positions": positions, "segments": segments, "mask": segments >= 0}

@@ -80,6 +80,27 @@ def example(rng: random.Random) -> dict[str, Any]:
     return {"prompt": f"{INSTRUCTION}\n{text}", "response": json.dumps(answer, separators=(", ", ": "))}
 
 
+OUTCOMES = (  # (decision, rule) pairs the rules can give
+    ("approve", "dti <= 0.36"),
+    ("review", "0.36 < dti <= 0.43"),
+    ("decline", "dti > 0.43"),
+    ("decline", "amount > 5x income"),
+)
+
+
+def preference_pair(record: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """A DPO record from an SFT one: chosen = the right answer, rejected = the same answer with another
+    of the rules' outcomes (a plausible but wrong decision and rule), drawn from `rng`."""
+    answer = json.loads(record["response"])
+    wrong = rng.choice([o for o in OUTCOMES if o != (answer["decision"], answer["rule"])])
+    rejected = {**answer, "decision": wrong[0], "rule": wrong[1]}
+    return {
+        "prompt": record["prompt"],
+        "chosen": record["response"],
+        "rejected": json.dumps(rejected, separators=(", ", ": ")),
+    }
+
+
 def generate(n: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     return [example(rng) for _ in range(n)]

@@ -354,8 +354,11 @@ def save_adapter(
     *,
     base_model_name_or_path: str | None = None,
     name_map: NameMap = None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    extra_config: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write the model's adapters as a PEFT LoRA folder that `peft.PeftModel.from_pretrained` loads."""
+    """Write the model's adapters as a PEFT LoRA folder that `peft.PeftModel.from_pretrained` loads.
+    `extra_tensors` and `extra_config` join the file and the config (e.g. trainable token rows)."""
     layers = lora_layers(model)
     if not layers:
         raise InputError("the model has no LoRA adapters to save — call apply_lora first")
@@ -384,10 +387,13 @@ def save_adapter(
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
+        **(extra_config or {}),
     }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to("cpu") for k, v in peft_state_dict(model, name_map).items()}
+    tensors = {
+        k: v.to("cpu") for k, v in {**peft_state_dict(model, name_map), **(extra_tensors or {})}.items()
+    }
     atomic_write_bytes(folder / ADAPTER_WEIGHTS, safetensors.torch.save(tensors, metadata={"format": "pt"}))
     atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return folder
@@ -426,10 +432,13 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
     )
 
 
-def load_adapter(model: nn.Module, path: str | Path, name_map: NameMap = None) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | Path, name_map: NameMap = None, skip: Callable[[str], bool] | None = None
+) -> nn.Module:
     """Load a PEFT LoRA folder into `model` (in place): the layers whose tensors the file holds get an
     adapter (the rest of the model frozen), or, if the model already has adapters, their values are
-    replaced. A tensor naming no layer, or of the wrong shape, is an error naming it."""
+    replaced. A tensor naming no layer, or of the wrong shape, is an error naming it; tensors for which
+    `skip(name)` holds are left to the caller (e.g. trainable token rows)."""
     config = read_adapter_config(path)
     file = Path(path) / ADAPTER_WEIGHTS
     if not file.is_file():
@@ -440,6 +449,8 @@ def load_adapter(model: nn.Module, path: str | Path, name_map: NameMap = None) -
     by_hf = {f"{PEFT_PREFIX}{to_hf(n)}": n for n in linear}
     wanted: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        if skip is not None and skip(key):
+            continue
         module, _, suffix = key.rpartition(".lora_")
         ours = {v: k for k, v in PEFT_SUFFIXES.items()}.get(f"lora_{suffix}")
         if ours is None or module not in by_hf:

@@ -127,8 +127,14 @@ def build_method(config: FinetuneConfig, tokenizer_path: Path, base: dict[str, s
         config.adapter, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
         targets=config.lora_targets, rslora=config.rslora,
     )  # fmt: skip
-    # the base the adapter applies to; QLoRA stores it in NF4
-    adapters = AdapterSetup(lora, base_path=str(tokenizer_path), qlora=config.adapter == "qlora")
+    from lmstack.finetune.vocab import added_token_ids
+
+    # the base the adapter applies to (QLoRA stores it in NF4); the rows of tokens it added train beside
+    # the adapters
+    new_rows = added_token_ids(Path(base["path"]), tokenizer_path) if lora is not None else ()
+    adapters = AdapterSetup(
+        lora, base_path=str(tokenizer_path), qlora=config.adapter == "qlora", token_ids=new_rows
+    )
     data = config.data or str(shipped_dataset("train"))
     common = dict(
         tokenizer_path=tokenizer_path, val_data=config.val_data, val_fraction=config.val_fraction,

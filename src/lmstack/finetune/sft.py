@@ -30,7 +30,6 @@ from lmstack.finetune.data import (
     packed_batch,
     pad_batch,
     read_records,
-    segment_batch,
     sft_examples,
 )
 from lmstack.train.method import Method, MethodContext, MetricValue, check_frozen_model
@@ -116,10 +115,10 @@ class ExampleStream:
 
 
 def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean next-token cross-entropy over labelled tokens, their count) of a padded or packed batch."""
-    if "segments" in batch:
-        batch = segment_batch(batch)
-    logits = model(batch["ids"], positions=batch["positions"], attention_mask=batch["mask"])
+    """(mean next-token cross-entropy over labelled tokens, their count) of a padded or packed batch
+    (a packed one carries `segments`, its document mask)."""
+    packed = {"segments": batch["segments"]} if "segments" in batch else {}
+    logits = model(batch["ids"], positions=batch["positions"], attention_mask=batch["mask"], **packed)
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     return loss, (targets != IGNORE).sum()

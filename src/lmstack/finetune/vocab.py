@@ -56,3 +56,12 @@ def chat_ready_base(base: Path, out: Path) -> Path:
     size = max(model.config.vocab_size, chat.vocab_size)
     model = resize_vocab(model, size, eos_id=chat.eos_id)
     return save_pretrained(model, out, tokenizer=chat)  # atomic: a crash leaves no half-written base
+
+
+def added_token_ids(base: Path, chat: Path) -> tuple[int, ...]:
+    """Ids of the special tokens `chat`'s tokenizer has and `base`'s lacks (the rows `chat_ready_base`
+    added, which a frozen-embedding adapter must train: tokens.py)."""
+    from lmstack.tokenizer import Tokenizer
+
+    before = set(Tokenizer.load(base).special_tokens.values())
+    return tuple(sorted(i for i in Tokenizer.load(chat).special_tokens.values() if i not in before))

@@ -78,12 +78,15 @@ def attend(
     plain_causal: bool = False,
     return_weights: bool = False,
     masks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q (B, H, T, D) over k, v (B, KV, S, D); returns ((B, H, T, D), weights or None).
 
     `plain_causal` promises that queries and keys are the same positions 0..T-1 with no padding,
     which lets `sdpa` use its mask-free causal kernel. A query that sees no key outputs zeros.
     `masks` is `masks.visibility(q_pos, k_pos, k_valid, ...)` when the caller already built it.
+    `segments` (B, T) marks packed documents (queries and keys the same tokens): a query sees only
+    keys of its own segment.
     """
     scale = q.shape[-1] ** -0.5
     if impl == "flash":
@@ -98,12 +101,20 @@ def attend(
             window=window,
             alibi_slopes=alibi_slopes,
             scale=scale,
+            segments=segments,
         )
         return out, None
-    if impl == "sdpa" and plain_causal and causal and window is None and alibi_slopes is None:
+    if (
+        impl == "sdpa"
+        and plain_causal
+        and causal
+        and window is None
+        and alibi_slopes is None
+        and segments is None
+    ):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), None
     if masks is None:
-        masks = visibility(q_pos, k_pos, k_valid, causal=causal, window=window)
+        masks = visibility(q_pos, k_pos, k_valid, causal=causal, window=window, segments=segments)
     mask, seen = masks
     bias = None
     if alibi_slopes is not None:
@@ -138,7 +149,8 @@ class ForwardContext:
     """What every layer of one forward call shares: query positions and validity, the RoPE tables or
     ALiBi slopes, the cache, whether queries see only earlier keys (`causal`: decoders set it, an
     encoder clears it), and the attention mask, which is built by the first layer and reused.
-    `plain_causal` promises positions 0..T-1 with no padding and no cache (see `attend`)."""
+    `plain_causal` promises positions 0..T-1 with no padding and no cache (see `attend`). `segments`
+    (B, T), None unless rows are packed, keeps each query within its own document (no cache then)."""
 
     positions: torch.Tensor
     valid: torch.Tensor | None
@@ -147,6 +159,7 @@ class ForwardContext:
     cache: KVCache | None
     causal: bool
     plain_causal: bool
+    segments: torch.Tensor | None = None
     _masks: tuple | None = field(default=None, repr=False)  # (k_pos, k_valid, window, built)
 
     def masks(
@@ -159,7 +172,9 @@ class ForwardContext:
             pos, valid, win, built = self._masks
             if _same(pos, k_pos) and _same(valid, k_valid) and win == window:
                 return built
-        built = visibility(self.positions, k_pos, k_valid, causal=self.causal, window=window)
+        built = visibility(
+            self.positions, k_pos, k_valid, causal=self.causal, window=window, segments=self.segments
+        )
         self._masks = (k_pos, k_valid, window, built)
         return built
 
@@ -248,7 +263,7 @@ class Attention(nn.Module):
         y, weights = attend(
             q, k, v, ctx.positions, k_pos, k_valid, impl=impl, causal=ctx.causal, window=c.sliding_window,
             alibi_slopes=ctx.alibi, plain_causal=plain_causal, return_weights=self.store_weights,
-            masks=masks,
+            masks=masks, segments=ctx.segments,
         )  # fmt: skip
         self.last_weights = weights
         return self.o(y.transpose(1, 2).reshape(B, T, c.q_dim))

@@ -15,7 +15,7 @@ import torch
 from lmstack.model.masks import sees
 
 
-def _tile_scores(q, k, q_pos, k_pos, k_valid, causal, window, slopes, scale):
+def _tile_scores(q, k, q_pos, k_pos, k_valid, causal, window, slopes, scale, q_seg=None, k_seg=None):
     """Masked, biased scores (B, KV, G, bq, bk) for one tile, in float32."""
     s = torch.matmul(q, k.transpose(-1, -2)).to(_acc_dtype(q)) * scale
     qp, kp = q_pos[:, None, None, :, None], k_pos[:, None, None, None, :]
@@ -24,6 +24,8 @@ def _tile_scores(q, k, q_pos, k_pos, k_valid, causal, window, slopes, scale):
     allowed = sees(qp, kp, causal=causal, window=window)
     if k_valid is not None:
         allowed = allowed & k_valid[:, None, None, None, :]
+    if q_seg is not None:  # packed rows: a query sees its own segment only (masks.attention_mask)
+        allowed = allowed & (q_seg[:, None, None, :, None] == k_seg[:, None, None, None, :])
     return s.masked_fill(~allowed, float("-inf"))
 
 
@@ -43,7 +45,7 @@ def _tile_needed(q_pos, k_pos, causal, window) -> bool:
 
 class FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, k_pos, k_valid, causal, window, slopes, scale, block):
+    def forward(ctx, q, k, v, q_pos, k_pos, k_valid, causal, window, slopes, scale, block, segments):
         # q: (B, KV, G, T, D); k, v: (B, KV, 1, S, D) — GQA shares K/V across the G query heads by broadcast.
         T, S = q.shape[-2], k.shape[-2]
         acc_dtype = _acc_dtype(q)
@@ -61,7 +63,10 @@ class FlashAttention(torch.autograd.Function):
                 if not _tile_needed(qp, kp, causal, window):
                     continue
                 kv_valid = None if k_valid is None else k_valid[:, ks:ke]
-                s = _tile_scores(q_t, k[..., ks:ke, :], qp, kp, kv_valid, causal, window, slopes, scale)
+                q_seg, k_seg = (None, None) if segments is None else (segments[:, qs:qe], segments[:, ks:ke])
+                s = _tile_scores(
+                    q_t, k[..., ks:ke, :], qp, kp, kv_valid, causal, window, slopes, scale, q_seg, k_seg
+                )
                 m_new = torch.maximum(m, s.amax(-1))
                 m_safe = torch.where(
                     torch.isinf(m_new), torch.zeros_like(m_new), m_new
@@ -75,13 +80,13 @@ class FlashAttention(torch.autograd.Function):
             out[..., qs:qe, :] = torch.where(seen[..., None], acc / denom.clamp_min(1e-30)[..., None], 0.0)
             lse[..., qs:qe] = torch.where(seen, m + torch.log(denom.clamp_min(1e-30)), float("inf"))
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, k_valid)
+        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, k_valid, segments)
         ctx.options = (causal, window, slopes, scale, block)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, out, lse, q_pos, k_pos, k_valid = ctx.saved_tensors
+        q, k, v, out, lse, q_pos, k_pos, k_valid, segments = ctx.saved_tensors
         causal, window, slopes, scale, block = ctx.options
         T, S = q.shape[-2], k.shape[-2]
         acc_dtype = _acc_dtype(q)
@@ -100,14 +105,15 @@ class FlashAttention(torch.autograd.Function):
                     continue
                 k_t, v_t = k[..., ks:ke, :].to(acc_dtype), v[..., ks:ke, :].to(acc_dtype)
                 kv_valid = None if k_valid is None else k_valid[:, ks:ke]
-                s = _tile_scores(q_t, k_t, qp, kp, kv_valid, causal, window, slopes, scale)
+                q_seg, k_seg = (None, None) if segments is None else (segments[:, qs:qe], segments[:, ks:ke])
+                s = _tile_scores(q_t, k_t, qp, kp, kv_valid, causal, window, slopes, scale, q_seg, k_seg)
                 p = torch.exp(s - lse[..., qs:qe, None])  # recomputed probabilities, (B, KV, G, bq, bk)
                 dv[..., ks:ke, :] += torch.matmul(p.transpose(-1, -2), do_t).sum(2, keepdim=True)
                 dp = torch.matmul(do_t, v_t.transpose(-1, -2))
                 ds = p * (dp - delta[..., qs:qe, None]) * scale
                 dq[..., qs:qe, :] += torch.matmul(ds, k_t)
                 dk[..., ks:ke, :] += torch.matmul(ds.transpose(-1, -2), q_t).sum(2, keepdim=True)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 9)
 
 
 def flash_attention(
@@ -123,14 +129,27 @@ def flash_attention(
     alibi_slopes: torch.Tensor | None = None,
     scale: float,
     block_size: int = 128,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention output (B, H, T, D) for q (B, H, T, D) and k, v (B, KV, S, D), tiled."""
+    """Attention output (B, H, T, D) for q (B, H, T, D) and k, v (B, KV, S, D), tiled; `segments` (B, T)
+    for packed rows (queries and keys the same tokens) keeps each query within its segment."""
     B, H, T, D = q.shape
     n_kv = k.shape[1]
     group = H // n_kv
     qg = q.reshape(B, n_kv, group, T, D)  # (B, H, T, D) -> (B, KV, G, T, D); heads h = kv * G + g
     slopes = None if alibi_slopes is None else alibi_slopes.to(q.device).reshape(n_kv, group)
     out = FlashAttention.apply(
-        qg, k[:, :, None], v[:, :, None], q_pos, k_pos, k_valid, causal, window, slopes, scale, block_size
+        qg,
+        k[:, :, None],
+        v[:, :, None],
+        q_pos,
+        k_pos,
+        k_valid,
+        causal,
+        window,
+        slopes,
+        scale,
+        block_size,
+        segments,
     )
     return out.reshape(B, H, T, v.shape[-1])

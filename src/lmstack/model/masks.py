@@ -5,6 +5,10 @@ position i when it is a real token (not padding), j <= i (causal) and i - j < wi
 the convention of `transformers`' Mistral: the query sees itself and the window - 1 keys before it).
 Working on positions lets one rule serve left-padded batches, caches that store keys out of order
 (rolling, paged) and queries offset from the keys (cached decoding, speculative verification).
+
+Packed rows (several documents in one sequence, positions restarting at each) add one condition:
+a query sees only keys of its own segment (a document mask), so each document is computed exactly
+as if it were alone while the row runs as one sequence.
 """
 
 from __future__ import annotations
@@ -39,11 +43,15 @@ def attention_mask(
     *,
     causal: bool = True,
     window: int | None = None,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense mask (B, 1, T, S): True where query t of sequence b may attend to key s."""
+    """Dense mask (B, 1, T, S): True where query t of sequence b may attend to key s. `segments` (B, T)
+    (queries and keys the same tokens, T == S) restricts each query to keys of its own segment."""
     allowed = sees(q_pos[:, :, None], k_pos[:, None, :], causal=causal, window=window)  # (B, T, S)
     if k_valid is not None:
         allowed &= k_valid[:, None, :]
+    if segments is not None:
+        allowed &= segments[:, :, None] == segments[:, None, :]
     return allowed[:, None]
 
 
@@ -54,6 +62,7 @@ def visibility(
     *,
     causal: bool = True,
     window: int | None = None,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The mask attention applies, in its cheapest form: (mask (B, 1, T, S) or None, seen (B, 1, T, 1) or None).
 
@@ -63,7 +72,7 @@ def visibility(
     caller zeroes its output with `seen`. Two host syncs (`.all()`) decide the cheap cases; under
     `torch.compile` they are skipped, since a data-dependent branch would break the graph.
     """
-    mask = attention_mask(q_pos, k_pos, k_valid, causal=causal, window=window)
+    mask = attention_mask(q_pos, k_pos, k_valid, causal=causal, window=window, segments=segments)
     if torch.compiler.is_compiling():
         seen = mask.any(-1, keepdim=True)
         return mask | ~seen, seen

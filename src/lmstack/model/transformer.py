@@ -138,6 +138,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T).
 
@@ -145,10 +146,14 @@ class Transformer(nn.Module):
         given `attention_mask` (B, T: 1 for real tokens of this call), count from each first real
         token. `cache` follows the `KVCache` protocol: the model calls `cache.begin` once, then
         `cache.update` once per layer. After the call, `self.aux_loss` holds the MoE load-balancing
-        loss (None for dense models).
+        loss (None for dense models). `segments` (B, T) packs several documents in a row: a token
+        attends only to tokens of its own segment (give each document's positions from 0, and mark
+        padding in `attention_mask`); not with a cache.
         """
         return self.head(
-            self.features(input_ids, positions=positions, cache=cache, attention_mask=attention_mask)
+            self.features(
+                input_ids, positions=positions, cache=cache, attention_mask=attention_mask, segments=segments
+            )
         )
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -162,6 +167,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, d): the forward pass without the LM head."""
         if input_ids.dim() != 2:
@@ -171,7 +177,12 @@ class Transformer(nn.Module):
             raise InputError(
                 f"attention_mask shape {tuple(valid.shape)} does not match input_ids {tuple(input_ids.shape)}"
             )
-        plain_causal = positions is None and attention_mask is None and cache is None
+        if segments is not None and (segments.shape != input_ids.shape or cache is not None):
+            raise InputError(
+                f"segments {tuple(segments.shape)} must match input_ids {tuple(input_ids.shape)}, without a "
+                "cache — packed rows are a training-time input"
+            )
+        plain_causal = positions is None and attention_mask is None and cache is None and segments is None
         if positions is None:
             positions = self._positions(input_ids, cache, attention_mask)
         x = self._embed(input_ids, positions)
@@ -180,7 +191,9 @@ class Transformer(nn.Module):
         alibi = alibi_slopes(c.n_heads).to(x.device) if c.position == "alibi" else None
         if cache is not None:
             cache.begin(positions, valid)
-        ctx = ForwardContext(positions, valid, rope, alibi, cache, causal=True, plain_causal=plain_causal)
+        ctx = ForwardContext(
+            positions, valid, rope, alibi, cache, causal=True, plain_causal=plain_causal, segments=segments
+        )
         x, router_logits = self._run_blocks(x, ctx)
         self.aux_loss = self._moe_loss(router_logits, valid)
         return self.norm(x)
