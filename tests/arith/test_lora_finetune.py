@@ -56,6 +56,24 @@ def test_trainable_params_equal_apply_lora_on_the_meta_model(name, targets, dora
     assert trainable_parameters(model) == lora_params(config, 8, targets, dora=dora)
 
 
+@pytest.mark.parametrize("name", ["dense-gqa", "untied"])
+def test_trainable_token_rows_count_like_apply_token_rows(name, capsys) -> None:
+    """The ChatML rows `finetune` trains beside LoRA: k·d on a tied model, 2·k·d untied (embedding + head)."""
+    from lmstack.finetune.tokens import apply_token_rows
+
+    config = CONFIGS[name]
+    model = apply_lora(build_model(config, seed=0), LoraConfig(r=8, alpha=16, targets="all-linear"))
+    apply_token_rows(model, [config.vocab_size - 2, config.vocab_size - 1])
+    predicted = finetune_memory(config, rank=8, targets="all-linear", trainable_tokens=2)
+    assert trainable_parameters(model) == predicted["trainable_params"]
+    assert predicted["trainable_params"] - lora_params(config, 8, "all-linear") == 2 * 64 * (
+        1 if config.tie_embeddings else 2
+    )
+    main(["calc", "llama2-7b", "--json", "--trainable-tokens", "2", "--lora-targets", "all-linear"])
+    reported = json.loads(capsys.readouterr().out)["memory"]["finetune"]["trainable_params"]
+    assert reported == 39_976_960 + 2 * 4096 * 2  # Llama-2's head is untied
+
+
 def test_workbook_figures() -> None:
     """QLoRA on every linear layer of Llama-2-7B at r=16: PEFT prints "trainable params: 39,976,960 ||
     all params: 6,778,392,576"; the NF4 base is 4.127 bits per block weight."""

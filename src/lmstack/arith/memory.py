@@ -228,8 +228,13 @@ def finetune_memory(
     context: int = 2048,
     checkpointing: str = "none",
     precision: str = "bf16",
+    trainable_tokens: int = 0,
 ) -> dict[str, object]:
     """Memory to fine-tune `config`: full (`none`), LoRA, DoRA, or QLoRA (LoRA on an NF4 base).
+
+    `trainable_tokens` rows of the embedding (and of an untied head) train beside an adapter, as PEFT's
+    `trainable_token_indices`: `lmstack finetune` trains the ChatML tokens it adds to a base that had no
+    chat template.
 
     `precision` is the compute dtype: `bf16`/`fp16` (mixed precision, the default) or `fp32`.
     Full fine-tuning trains every parameter (`training_bytes_per_param`: 16-bit weight and gradient
@@ -265,7 +270,10 @@ def finetune_memory(
     else:
         picked = resolve_lora_targets(c, targets)
         dora = adapter == "dora"
-        trainable = lora_params(c, rank, picked, dora=dora)
+        if trainable_tokens < 0:
+            raise InputError(f"trainable_tokens must be >= 0, got {trainable_tokens}")
+        rows = trainable_tokens * c.d_model * (1 if c.tie_embeddings else 2)
+        trainable = lora_params(c, rank, picked, dora=dora) + rows
         out_dims = {"q": c.q_dim, "k": c.kv_dim, "v": c.kv_dim, "o": c.d_model, "gate": c.d_ff, "up": c.d_ff}
         out_dims |= {"down": c.d_model, "router": c.n_experts}
         matrices = sum(

@@ -58,6 +58,7 @@ def analyze(
     adapter: str = "lora",
     causal: bool = False,
     optimizer: str = "adamw",
+    trainable_tokens: int = 0,
     price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR,
     reserve_fraction: float = DEFAULT_RESERVE_FRACTION,
     training_tokens: float | None = None,
@@ -157,6 +158,7 @@ def analyze(
                 optimizer=optimizer,
                 batch=batch,
                 context=context,
+                trainable_tokens=trainable_tokens,
                 precision=dtype if dtype in FULL_PRECISION else "bf16",  # --dtype fp32: fp32 training
             ),
         },

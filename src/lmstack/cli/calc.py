@@ -58,6 +58,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="optimizer whose state is counted: adamw (fp32 moments) or adamw8bit (default adamw)",
     )
     p.add_argument(
+        "--trainable-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="embedding (and untied head) rows trained beside the adapter, e.g. 2 for the ChatML tokens "
+        "`lmstack finetune` adds to a base without a chat template (default 0)",
+    )
+    p.add_argument(
         "--causal", action="store_true", help="count causal attention pairs instead of the full s²"
     )
     p.add_argument("--price", type=float, default=3.0, help="dollars per GPU-hour (default 3.0)")
@@ -85,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         lora_targets=args.lora_targets,
         adapter=args.adapter,
         optimizer=args.optimizer,
+        trainable_tokens=args.trainable_tokens,
         causal=args.causal,
         price_per_gpu_hour=args.price,
         reserve_fraction=args.reserve,
