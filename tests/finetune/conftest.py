@@ -40,6 +40,49 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def random_adapters(model: torch.nn.Module, seed: int = 4) -> None:
+    """Non-zero B (and DoRA magnitudes off the row norms), so the adapters change the output."""
+    from lmstack.finetune.lora import LoraLinear
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoraLinear):
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
+                if layer.lora_magnitude is not None:
+                    layer.lora_magnitude.mul_(1 + 0.2 * torch.rand(layer.lora_magnitude.shape, generator=g))
+
+
+@pytest.fixture(name="random_adapters", scope="session")
+def _random_adapters():
+    return random_adapters
+
+
+def hf_llama_pair(folder: Path, *, vocab: int = 97, tied: bool = False):
+    """(lmstack model, transformers Llama) with the same random weights (std 0.2, logits O(1-10)),
+    the transformers one saved in `folder` and loaded from there by lmstack."""
+    import transformers
+
+    import lmstack
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=tied,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(folder)
+    return lmstack.from_pretrained(folder), hf
+
+
+@pytest.fixture(name="hf_llama_pair", scope="session")
+def _hf_llama_pair():
+    return hf_llama_pair
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

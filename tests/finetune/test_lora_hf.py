@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-import lmstack
 from lmstack.finetune.lora import LoraConfig, LoraLinear, apply_lora, load_adapter, merge_lora, save_adapter
 
 peft = pytest.importorskip("peft")
@@ -27,20 +26,9 @@ def llama_name(path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair(tmp_path_factory, hf_llama_pair):
     """(lmstack model, transformers model) with the same random weights (std 0.2, logits O(1-10))."""
-    config = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.2)
-    folder = tmp_path_factory.mktemp("llama")
-    hf.save_pretrained(folder)
-    ours = lmstack.from_pretrained(folder)
+    ours, hf = hf_llama_pair(tmp_path_factory.mktemp("llama"))
     names = {n.rsplit(".", 1)[-1] for n, m in ours.named_modules() if isinstance(m, nn.Linear)}
     if not set(PROJECTIONS) <= names:
         pytest.skip(f"the model's linear layers are {sorted(names)}, not one per projection (q, k, v, o ...)")
@@ -51,23 +39,13 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
-def nonzero_adapters(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoraLinear):
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
-                if layer.lora_magnitude is not None:
-                    layer.lora_magnitude.mul_(1 + 0.2 * torch.rand(layer.lora_magnitude.shape, generator=g))
-
-
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_our_adapter_folder_gives_peft_our_logits(pair, tmp_path, use_dora) -> None:
+def test_our_adapter_folder_gives_peft_our_logits(pair, tmp_path, use_dora, random_adapters) -> None:
     base, hf = pair
     x = ids()
     torch.testing.assert_close(base(x), hf(input_ids=x).logits, rtol=0, atol=1e-4)  # same base
     ours = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets="all-linear", use_dora=use_dora))
-    nonzero_adapters(ours)
+    random_adapters(ours)
     save_adapter(ours, tmp_path, base_model_name_or_path="tiny-llama", name_map=llama_name)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
     got = ours(x)

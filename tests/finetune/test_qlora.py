@@ -63,17 +63,6 @@ def nf4_rounded(model: nn.Module) -> nn.Module:
     return ref
 
 
-def random_adapters(model: nn.Module, seed: int = 4) -> None:
-    """Non-zero B (and DoRA magnitudes off the row norms), so the adapters change the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoraLinear):
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
-                if layer.lora_magnitude is not None:
-                    layer.lora_magnitude.mul_(1 + 0.2 * torch.rand(layer.lora_magnitude.shape, generator=g))
-
-
 def ids(vocab: int, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 14), generator=torch.Generator().manual_seed(seed))
 
@@ -276,7 +265,7 @@ def test_qlora_run_with_8bit_adamw_resumes_exactly_and_merges_into_the_nf4_base(
         assert (merged["bf16"](x).float() - want).abs().max() < 0.1 * want.abs().max()
 
 
-def test_merge_equals_the_adapter_on_the_nf4_base_in_python(base) -> None:
+def test_merge_equals_the_adapter_on_the_nf4_base_in_python(base, random_adapters) -> None:
     for use_dora in (False, True):
         qlora = apply_qlora(
             copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets="all-linear", use_dora=use_dora)
@@ -325,7 +314,7 @@ def test_refusals(base_dir, base, sft_file, tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_same_logits_as_peft_on_bitsandbytes(base_dir, base, tmp_path, use_dora) -> None:
+def test_same_logits_as_peft_on_bitsandbytes(base_dir, base, tmp_path, use_dora, random_adapters) -> None:
     """transformers loads the base in 4 bits with our record's `BitsAndBytesConfig`; PEFT applies our
     LoRA or DoRA adapter folder. bitsandbytes' NF4 codes equal ours; its 8-bit absmax codes may differ at near-ties
     (see tests/quant/test_nf4.py), so those are copied into ours before the logits are compared. The

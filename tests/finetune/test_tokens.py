@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import lmstack
 from lmstack.errors import InputError
 from lmstack.finetune.adapters import hf_module_names, load_peft_folder
 from lmstack.finetune.lora import LoraConfig, LoraLinear, apply_lora, save_adapter, trainable_parameters
@@ -31,21 +30,10 @@ VOCAB, NEW = 97, [96, 94, 95]  # the "new" rows, deliberately not in order (PEFT
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
-def pair(request, tmp_path_factory):
+def pair(request, tmp_path_factory, hf_llama_pair):
     """(lmstack model, transformers Llama) with the same random weights (std 0.2, logits O(1-10))."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
-        tie_word_embeddings=request.param,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.2)
-    folder = tmp_path_factory.mktemp("llama")
-    hf.save_pretrained(folder)
-    ours = lmstack.from_pretrained(folder).eval()
+    ours, hf = hf_llama_pair(tmp_path_factory.mktemp("llama"), vocab=VOCAB, tied=request.param)
+    ours.eval()
     assert (ours.lm_head.weight is ours.tok_emb.weight) == request.param
     return ours, hf
 
