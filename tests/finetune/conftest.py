@@ -40,15 +40,16 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def random_adapters(model: torch.nn.Module, seed: int = 4) -> None:
-    """Non-zero B (and DoRA magnitudes off the row norms), so the adapters change the output."""
+def random_adapters(model: torch.nn.Module, seed: int = 4, scale: float = 0.2) -> None:
+    """Training-like adapters: B non-zero (std `scale`), DoRA magnitudes moved off the row norms, so
+    the adapters change the output."""
     from lmstack.finetune.lora import LoraLinear
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, LoraLinear):
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
                 if layer.lora_magnitude is not None:
                     layer.lora_magnitude.mul_(1 + 0.2 * torch.rand(layer.lora_magnitude.shape, generator=g))
 

@@ -78,17 +78,6 @@ def ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(seed))
 
 
-def randomise_b(model: nn.Module, seed: int = 2) -> None:
-    """Training-like adapters: B nonzero, DoRA magnitudes moved off the row norms."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoraLinear):
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
-                if layer.lora_magnitude is not None:
-                    layer.lora_magnitude.mul_(1 + 0.2 * torch.rand(layer.lora_magnitude.shape, generator=g))
-
-
 def peft_twin(ours: nn.Module, base: nn.Module, targets: tuple[str, ...], cfg: LoraConfig) -> nn.Module:
     """PEFT's model over a copy of `base`, with our adapter values copied in."""
     pc = peft.LoraConfig(
@@ -107,13 +96,13 @@ def peft_twin(ours: nn.Module, base: nn.Module, targets: tuple[str, ...], cfg: L
 @pytest.mark.parametrize("targets", TARGET_SETS)
 @pytest.mark.parametrize("rslora", [False, True])
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_matches_peft(targets: tuple[str, ...], rslora: bool, use_dora: bool) -> None:
+def test_matches_peft(targets: tuple[str, ...], rslora: bool, use_dora: bool, random_adapters) -> None:
     base = toy()
     cfg = LoraConfig(r=4, alpha=12, targets=targets, rslora=rslora, use_dora=use_dora)
     ours = apply_lora(copy.deepcopy(base), cfg)
     x = ids()
     torch.testing.assert_close(ours(x), base(x), rtol=0, atol=1e-6)  # step 0 is the base model
-    randomise_b(ours)
+    random_adapters(ours, seed=2, scale=0.3)
     twin = peft_twin(ours, base, targets, cfg)
     got, want = ours(x), twin(x)
     assert (got - base(x)).abs().max() > 0.1  # the adapters change the output
@@ -142,10 +131,10 @@ def test_matches_peft(targets: tuple[str, ...], rslora: bool, use_dora: bool) ->
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_merge_and_unmerge(use_dora: bool) -> None:
+def test_merge_and_unmerge(use_dora: bool, random_adapters) -> None:
     base = toy()
     model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets="all-linear", use_dora=use_dora))
-    randomise_b(model)
+    random_adapters(model, seed=2, scale=0.3)
     x = ids()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     adapted = model(x)
@@ -157,12 +146,12 @@ def test_merge_and_unmerge(use_dora: bool) -> None:
     torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-6)
 
 
-def test_merged_weights_match_peft_merge() -> None:
+def test_merged_weights_match_peft_merge(random_adapters) -> None:
     base = toy()
     targets = ("q", "v", "down")
     cfg = LoraConfig(r=3, alpha=5, targets=targets, use_dora=True)
     ours = apply_lora(copy.deepcopy(base), cfg)
-    randomise_b(ours)
+    random_adapters(ours, seed=2, scale=0.3)
     twin = peft_twin(ours, base, targets, cfg)
     merged_peft = twin.merge_and_unload()
     merge_lora(ours)
@@ -201,9 +190,9 @@ def test_errors() -> None:
         apply_lora(model, LoraConfig())
 
 
-def test_dropout_only_in_training() -> None:
+def test_dropout_only_in_training(random_adapters) -> None:
     model = apply_lora(toy(), LoraConfig(r=4, targets=("q", "v"), dropout=0.5, use_dora=True))
-    randomise_b(model)
+    random_adapters(model, seed=2, scale=0.3)
     x = ids()
     model.eval()
     assert torch.equal(model(x), model(x))
@@ -261,11 +250,11 @@ class HFToy(nn.Module):
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_saved_folder_loads_in_peft(tmp_path, use_dora: bool) -> None:
+def test_saved_folder_loads_in_peft(tmp_path, use_dora: bool, random_adapters) -> None:
     base = toy()
     cfg = LoraConfig(r=4, alpha=8, targets=("q", "v", "down"), rslora=True, use_dora=use_dora)
     ours = apply_lora(copy.deepcopy(base), cfg)
-    randomise_b(ours)
+    random_adapters(ours, seed=2, scale=0.3)
     save_adapter(ours, tmp_path, base_model_name_or_path="toy", name_map=_hf_name)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
@@ -312,12 +301,12 @@ def test_load_errors(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_dropout_matches_peft_in_training(use_dora: bool) -> None:
+def test_dropout_matches_peft_in_training(use_dora: bool, random_adapters) -> None:
     """With the same seed both draw the same dropout masks: one per adapted layer, in forward order."""
     base = toy()
     cfg = LoraConfig(r=4, alpha=8, targets=("q", "v", "up"), dropout=0.3, use_dora=use_dora)
     ours = apply_lora(copy.deepcopy(base), cfg)
-    randomise_b(ours)
+    random_adapters(ours, seed=2, scale=0.3)
     pc = peft.LoraConfig(
         target_modules=["q", "v", "up"], r=4, lora_alpha=8, lora_dropout=0.3, use_dora=use_dora
     )
@@ -333,12 +322,12 @@ def test_dropout_matches_peft_in_training(use_dora: bool) -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_unload_gives_plain_linears_with_the_merged_weights() -> None:
+def test_unload_gives_plain_linears_with_the_merged_weights(random_adapters) -> None:
     base = toy()
     model = apply_lora(
         copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets=("q", "v", "down"), use_dora=True)
     )
-    randomise_b(model)
+    random_adapters(model, seed=2, scale=0.3)
     x = ids()
     adapted = model(x)
     unload_lora(model)
