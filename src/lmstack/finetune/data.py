@@ -72,18 +72,24 @@ def _messages(value: Any, role: str, where: str, name: str) -> tuple[dict[str, s
     return tuple(out)
 
 
+def _require(obj: dict, keys: tuple[str, ...], where: str, fix: str) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)} — {fix}")
+
+
 def parse_record(obj: Any, kind: str, path: str | Path = "<record>", line: int = 0) -> Record:
     """One record of `kind` "sft" or "dpo"; errors name it as PATH:LINE."""
     where = f"{path}:{line}"
     if not isinstance(obj, dict):
         raise InputError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     if kind == "dpo":
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in obj]
-        if missing:
-            raise InputError(
-                f"{where}: missing field(s) {', '.join(missing)} — a preference record needs "
-                '{"prompt", "chosen", "rejected"}'
-            )
+        _require(
+            obj,
+            ("prompt", "chosen", "rejected"),
+            where,
+            'a preference record needs {"prompt", "chosen", "rejected"}',
+        )
         prompt = _messages(obj["prompt"], "user", where, "prompt")
         chosen = _messages(obj["chosen"], "assistant", where, "chosen")
         rejected = _messages(obj["rejected"], "assistant", where, "rejected")
@@ -98,12 +104,12 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<record>", line: int =
                 f"{where}: the conversation has no non-empty assistant message — nothing to learn"
             )
         return Record(line, messages)
-    missing = [k for k in ("prompt", "response") if k not in obj]
-    if missing:
-        raise InputError(
-            f'{where}: missing field(s) {", ".join(missing)} — give {{"prompt", "response"}} or '
-            '{"messages": [{"role", "content"}, ...]}'
-        )
+    _require(
+        obj,
+        ("prompt", "response"),
+        where,
+        'give {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}',
+    )
     prompt = _messages(obj["prompt"], "user", where, "prompt")
     response = _messages(obj["response"], "assistant", where, "response")
     return Record(line, prompt + response)

@@ -17,6 +17,7 @@ built here (see `build.load`); callers then use PyTorch's kernels.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -100,8 +101,17 @@ def _threads(out_features: int, in_features: int) -> int:
     return torch.get_num_threads() if out_features * in_features >= PARALLEL_MIN_WEIGHTS else 1
 
 
-def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    return x.reshape(-1, in_features).to(torch.float32).contiguous()
+def _call_args(
+    x: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None
+) -> tuple[ctypes.CDLL, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What every product passes the library: it, x as contiguous float32 rows (M, K), the float32
+    output (M, N) to fill, and the bias as contiguous float32 (held by the caller across the call, so
+    the pointer it passes stays valid)."""
+    lib = load()
+    assert lib is not None, "the kernels are not available here — check kernels.available() first"
+    rows = x.reshape(-1, in_features).to(torch.float32).contiguous()
+    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+    return lib, rows, y, None if bias is None else bias.float().contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -110,11 +120,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def int8_matmul(x: torch.Tensor, p: PackedInt8, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
-    lib = load()
-    assert lib is not None, "the kernels are not available here — check kernels.available() first"
-    rows = _rows(x, p.in_features)
-    y = torch.empty(rows.shape[0], p.out_features, dtype=torch.float32)
-    b = None if bias is None else bias.float().contiguous()
+    lib, rows, y, b = _call_args(x, p.in_features, p.out_features, bias)
     lib.lm_int8_gemm(
         rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), p.scale.data_ptr(), _ptr(b),
         y.data_ptr(), p.out_features, _threads(p.out_features, p.in_features),
@@ -124,11 +130,7 @@ def int8_matmul(x: torch.Tensor, p: PackedInt8, bias: torch.Tensor | None = None
 
 def bf16_matmul(x: torch.Tensor, p: PackedBF16, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ Wᵀ (+ bias) in float32 with W's bfloat16 values, shape (..., N)."""
-    lib = load()
-    assert lib is not None, "the kernels are not available here — check kernels.available() first"
-    rows = _rows(x, p.in_features)
-    y = torch.empty(rows.shape[0], p.out_features, dtype=torch.float32)
-    b = None if bias is None else bias.float().contiguous()
+    lib, rows, y, b = _call_args(x, p.in_features, p.out_features, bias)
     lib.lm_bf16_gemm(
         rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), _ptr(b), y.data_ptr(),
         p.out_features, _threads(p.out_features, p.in_features),
@@ -147,13 +149,9 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
     """quantize_activations(x) (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
-    lib = load()
-    assert lib is not None, "the kernels are not available here — check kernels.available() first"
-    rows = _rows(x, p.in_features)
+    lib, rows, y, b = _call_args(x, p.in_features, p.out_features, bias)
     m, k = rows.shape
     scratch = torch.empty(-(-m * k // 64) * 16 + m * (k // 32 + k // p.group_size), dtype=torch.float32)
-    y = torch.empty(m, p.out_features, dtype=torch.float32)
-    b = None if bias is None else bias.float().contiguous()
     lib.lm_int4q8_gemm(
         rows.data_ptr(), m, k, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(), p.offset.data_ptr(),
         _ptr(b), y.data_ptr(), p.out_features, scratch.data_ptr(), _threads(p.out_features, p.in_features),
