@@ -31,9 +31,14 @@ HELD_OUT = 50
 MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "head_dim": 16, "d_ff": 168}
 PRETRAIN = {"steps": 200, "batch": 16, "seq_len": 128, "lr": 3e-3}
 THREADS = 2
-# The goal is 0.7 exact fields; this model reaches 0.19, the majority decision and its rule: copying the
-# applicant and amounts from the application needs induction heads (Olsson et al. 2022), which a model
-# this small does not form within a few minutes of CPU pretraining. The bound keeps what it does learn.
+# The goal is 0.7 exact fields; this model reaches 0.19 (per field on the 50: applicant 0.00, amount 0.00,
+# term_months 0.14, income 0.00, dti 0.00, decision 0.62, rule 0.54): it ignores the application and
+# writes one likely answer for every prompt. Measured: the answer loss is the same with another
+# application's prompt (names 10.5 nats either way), and neither this base nor one pretrained 5x
+# longer predicts the second copy of a repeated passage better than the first, i.e. it has no
+# in-context copying (induction heads, Olsson et al. 2022) to learn to copy names and amounts with;
+# the longer-pretrained base lowers the answer loss 0.46 -> 0.18 through the decision and rule only,
+# and 1200 steps on 2000 applications change none of this. The bound keeps what it does learn.
 EXACT_FIELDS = 0.15
 
 
@@ -76,8 +81,9 @@ def _held_out() -> list[dict]:
     return [json.loads(line) for line in shipped_dataset("heldout").read_text().splitlines()][:HELD_OUT]
 
 
-def answer_scores(folder: Path) -> tuple[float, float]:
-    """(parseable fraction, mean exact-field fraction) of greedy answers to the held-out applications."""
+def answer_scores(folder: Path) -> tuple[float, float, dict[str, float]]:
+    """(parseable fraction, mean exact-field fraction, each field's exact fraction) of greedy answers to
+    the held-out applications."""
     from lmstack.infer import generate
     from lmstack.interop.folders import load_model_and_tokenizer
 
@@ -86,8 +92,15 @@ def answer_scores(folder: Path) -> tuple[float, float]:
     prompts = [tok.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0] for r in rows]  # fmt: skip
     with torch.no_grad():
         out = generate(model.eval(), prompts, max_new_tokens=200, temperature=0.0)
-    scores = [loans.score(tok.decode(ids).split("<|im_end|>")[0], r["response"]) for ids, r in zip(out, rows)]
-    return sum(p for p, _ in scores) / len(rows), sum(f for _, f in scores) / len(rows)
+    texts = [tok.decode(ids).split("<|im_end|>")[0] for ids in out]
+    scores = [loans.score(t, r["response"]) for t, r in zip(texts, rows)]
+    fields = dict.fromkeys(loans.FIELDS, 0.0)
+    for text, row, (parsed, _) in zip(texts, rows, scores):
+        if parsed:
+            got, want = json.loads(text), json.loads(row["response"])
+            for k in fields:
+                fields[k] += (got.get(k) == want[k]) / len(rows)
+    return sum(p for p, _ in scores) / len(rows), sum(f for _, f in scores) / len(rows), fields
 
 
 def run(base: Path, out: Path, **changes) -> object:
@@ -102,10 +115,10 @@ def run(base: Path, out: Path, **changes) -> object:
 def test_sft_lora_teaches_the_loan_answers(pretrained, tmp_path):
     result = run(pretrained, tmp_path / "sft", max_steps=300, eval_interval=300)
     assert result.data_summary.startswith("400 of 400 examples kept")
-    parseable_before, exact_before = answer_scores(tmp_path / "sft" / "base")  # the chat-ready start
-    parseable, exact = answer_scores(result.train.checkpoint)
+    parseable_before, exact_before, _ = answer_scores(tmp_path / "sft" / "base")  # the chat-ready start
+    parseable, exact, fields = answer_scores(result.train.checkpoint)
     print(f"\nSFT+LoRA held-out: parseable {parseable_before:.2f} -> {parseable:.2f}, "
-          f"exact fields {exact_before:.2f} -> {exact:.2f}")  # fmt: skip
+          f"exact fields {exact_before:.2f} -> {exact:.2f} (" + ", ".join(f"{k} {v:.2f}" for k, v in fields.items()) + ")")  # fmt: skip
     assert parseable_before < 0.2
     assert parseable >= 0.9
     assert exact >= EXACT_FIELDS
