@@ -169,7 +169,7 @@ def peak_allocated_during(fn) -> int | None:
 
 # ---- the shared inputs ---------------------------------------------------------------------------
 def make_model_folder(folder: Path, shape: dict) -> None:
-    """A Llama with random weights (transformers' default init), saved once for both sides."""
+    """A Llama with random weights (transformers' default init) and a tokenizer, saved once for both sides."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -177,6 +177,11 @@ def make_model_folder(folder: Path, shape: dict) -> None:
     hf = {k: v for k, v in shape.items() if k not in ("batch", "seq_len")}
     config = LlamaConfig(**hf, max_position_embeddings=shape["seq_len"], tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(folder)
+    # `lmstack finetune` reads the base's tokenizer (to find token rows a chat template added); the
+    # batches are random ids, so a byte-level one with no merges serves
+    from lmstack.tokenizer import Tokenizer
+
+    Tokenizer.train(["a b"], 256, pattern="gpt2").save(folder)
 
 
 def make_batches(vocab: int, batch: int, seq_len: int, count: int = 4) -> list[dict]:
@@ -382,19 +387,24 @@ def worker(job: dict) -> None:
 
 
 # ---- the driver ----------------------------------------------------------------------------------
+def child_env() -> dict:
+    """The environment of the subprocesses: this checkout's lmstack first on the path."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
 class Worker:
     """A worker subprocess and its line protocol."""
 
     def __init__(self, job: dict) -> None:
-        env = dict(os.environ)
-        src = str(Path(__file__).resolve().parents[1] / "src")
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.job, self.result = job, None
         self.err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", json.dumps(job)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.err, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=self.err, text=True, env=child_env(),
         )  # fmt: skip
 
     def read(self) -> dict:
@@ -540,6 +550,7 @@ def main() -> None:
         subprocess.run(
             [sys.executable, "-c", code, str(Path(__file__).parent), str(folder), json.dumps(shape)],
             check=True,
+            env=child_env(),
         )
         rows = []
         for i, (adapter, opt) in enumerate(settings):
