@@ -21,9 +21,10 @@ The state is plain tensors (uint8 codes, fp32 absmax per block, fp32 step), so `
 saves it in safetensors and a resumed run continues bit for bit.
 
 On the CPU, fp32 weights step through `adamw8bit.c`, which does the same arithmetic in one fused pass
-per block (about 6x faster than the dozen PyTorch operations per chunk below); it is compiled on
-first use like the quantized-linear kernels, and `LMSTACK_KERNELS=0`, a missing compiler or other
-dtypes and devices select the PyTorch version.
+per block: on 32M parameters at one thread ~15× faster than the dozen PyTorch operations per chunk
+below, and ~3× faster than bitsandbytes' CPU `AdamW8bit`. It is compiled on first use like the
+quantized-linear kernels; `LMSTACK_KERNELS=0`, a missing compiler, other dtypes and other devices
+select the PyTorch version.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from lmstack.train.optim import param_groups
 
 BLOCK_SIZE = 2048
 MIN_8BIT_SIZE = 4096
-CHUNK_BLOCKS = 256  # blocks dequantised at a time by a step (see AdamW8bit._update_8bit)
+CHUNK_BLOCKS = 256  # blocks dequantised at a time by the PyTorch step (see AdamW8bit._update_8bit_torch)
 
 
 def dynamic_map(signed: bool = True, exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
