@@ -26,12 +26,13 @@ Each row (setting × optimizer × side) runs in a fresh subprocess, so its memor
   so this is the figure `predicted_bytes` — `lmstack.arith.memory.finetune_memory`, the function
   behind `lmstack calc --adapter ... --optimizer ...`: weights, gradients, optimizer state,
   activations and the loss's peak — should match (`predicted_vs_allocated`). Stated tolerance:
-  within ±20% at the default shape (measured 0.84–1.08 over the LoRA, DoRA and QLoRA rows of both
+  within ±20% at the default shape (measured 0.83–1.08 over the LoRA, DoRA and QLoRA rows of both
   sides); at `--quick` a fixed ~14 MB of runtime buffers the arithmetic does not model pulls it to
   0.68–0.99. RSS adds the allocator's retained memory: `predicted_vs_measured` ≈ 0.55–0.7. Most of
   that is glibc's dynamic mmap threshold (it rises after a large free, and later activations then
   come from the heap, which keeps freed pages): run with `MALLOC_MMAP_THRESHOLD_=1048576` and each
-  side's RSS falls to its live allocations (LoRA at the default shape: 913 → 566 MiB for lmstack).
+  side's RSS falls to its live allocations (LoRA at the default shape: 841 → 567 MiB for lmstack,
+  863 → 594 for peft).
 * `step_s`: the median of the timed optimizer steps after warm-up (`step_cpu_s`: of their process
   CPU time). The two sides of a setting are loaded one after the other, then stepped in turn (ours,
   theirs, theirs, ours, ...), so a busy neighbour on a shared machine slows both alike.
