@@ -26,12 +26,13 @@ Each row (setting × optimizer × side) runs in a fresh subprocess, so its memor
   so this is the figure `predicted_bytes` — `lmstack.arith.memory.finetune_memory`, the function
   behind `lmstack calc --adapter ... --optimizer ...`: weights, gradients, optimizer state,
   activations and the loss's peak — should match (`predicted_vs_allocated`). Stated tolerance:
-  within ±20% at the default shape (measured 0.84–1.08 over the LoRA, DoRA and QLoRA rows of both
+  within ±20% at the default shape (measured 0.83–1.08 over the LoRA, DoRA and QLoRA rows of both
   sides); at `--quick` a fixed ~14 MB of runtime buffers the arithmetic does not model pulls it to
   0.68–0.99. RSS adds the allocator's retained memory: `predicted_vs_measured` ≈ 0.55–0.7. Most of
   that is glibc's dynamic mmap threshold (it rises after a large free, and later activations then
   come from the heap, which keeps freed pages): run with `MALLOC_MMAP_THRESHOLD_=1048576` and each
-  side's RSS falls to its live allocations (LoRA at the default shape: 913 → 566 MiB for lmstack).
+  side's RSS falls to its live allocations (LoRA at the default shape: 841 → 567 MiB for lmstack,
+  863 → 594 for peft).
 * `step_s`: the median of the timed optimizer steps after warm-up (`step_cpu_s`: of their process
   CPU time). The two sides of a setting are loaded one after the other, then stepped in turn (ours,
   theirs, theirs, ours, ...), so a busy neighbour on a shared machine slows both alike.
@@ -169,7 +170,7 @@ def peak_allocated_during(fn) -> int | None:
 
 # ---- the shared inputs ---------------------------------------------------------------------------
 def make_model_folder(folder: Path, shape: dict) -> None:
-    """A Llama with random weights (transformers' default init), saved once for both sides."""
+    """A Llama with random weights (transformers' default init) and a tokenizer, saved once for both sides."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -177,6 +178,11 @@ def make_model_folder(folder: Path, shape: dict) -> None:
     hf = {k: v for k, v in shape.items() if k not in ("batch", "seq_len")}
     config = LlamaConfig(**hf, max_position_embeddings=shape["seq_len"], tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(folder)
+    # `lmstack finetune` reads the base's tokenizer (to find token rows a chat template added); the
+    # batches are random ids, so a byte-level one with no merges serves
+    from lmstack.tokenizer import Tokenizer
+
+    Tokenizer.train(["a b"], 256, pattern="gpt2").save(folder)
 
 
 def make_batches(vocab: int, batch: int, seq_len: int, count: int = 4) -> list[dict]:
@@ -382,19 +388,24 @@ def worker(job: dict) -> None:
 
 
 # ---- the driver ----------------------------------------------------------------------------------
+def child_env() -> dict:
+    """The environment of the subprocesses: this checkout's lmstack first on the path."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
 class Worker:
     """A worker subprocess and its line protocol."""
 
     def __init__(self, job: dict) -> None:
-        env = dict(os.environ)
-        src = str(Path(__file__).resolve().parents[1] / "src")
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.job, self.result = job, None
         self.err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", json.dumps(job)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.err, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=self.err, text=True, env=child_env(),
         )  # fmt: skip
 
     def read(self) -> dict:
@@ -540,6 +551,7 @@ def main() -> None:
         subprocess.run(
             [sys.executable, "-c", code, str(Path(__file__).parent), str(folder), json.dumps(shape)],
             check=True,
+            env=child_env(),
         )
         rows = []
         for i, (adapter, opt) in enumerate(settings):

@@ -119,8 +119,11 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     (a packed one carries `segments`, its document mask)."""
     packed = {"segments": batch["segments"]} if "segments" in batch else {}
     logits = model(batch["ids"], positions=batch["positions"], attention_mask=batch["mask"], **packed)
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    # position t predicts label t+1; the last position has none (IGNORE). Shifting the labels rather
+    # than slicing the logits keeps the (B, T, vocab) logits a view: `logits[:, :-1]` flattened is a
+    # full copy in the forward, and its backward another zero-filled one, the step's largest tensors
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     return loss, (targets != IGNORE).sum()
 
 

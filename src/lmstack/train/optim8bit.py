@@ -19,11 +19,20 @@ biases) keep fp32 moments: their state is negligible and the paper (and bitsandb
 
 The state is plain tensors (uint8 codes, fp32 absmax per block, fp32 step), so `optimizer_tensors`
 saves it in safetensors and a resumed run continues bit for bit.
+
+On the CPU, fp32 weights step through `adamw8bit.c`, which does the same arithmetic in one fused pass
+per block: on 32M parameters at one thread ~15× faster than the dozen PyTorch operations per chunk
+below, and ~3× faster than bitsandbytes' CPU `AdamW8bit`. It is compiled on first use like the
+quantized-linear kernels; `LMSTACK_KERNELS=0`, a missing compiler, other dtypes and other devices
+select the PyTorch version.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +43,7 @@ from lmstack.train.optim import param_groups
 
 BLOCK_SIZE = 2048
 MIN_8BIT_SIZE = 4096
-CHUNK_BLOCKS = 256  # blocks dequantised at a time by a step (see AdamW8bit._update_8bit)
+CHUNK_BLOCKS = 256  # blocks dequantised at a time by the PyTorch step (see AdamW8bit._update_8bit_torch)
 
 
 def dynamic_map(signed: bool = True, exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
@@ -82,6 +91,34 @@ def dequantize_blockwise(
     n = flat.numel()
     blocks = torch.nn.functional.pad(flat, (0, -n % block_size)).view(-1, block_size)
     return (blocks * absmax[:, None]).view(-1)[:n].view(codes.shape)
+
+
+@functools.cache
+def _kernel() -> ctypes.CDLL | None:
+    """The compiled fused step (`adamw8bit.c`), or None: then the PyTorch operations run."""
+    from lmstack.compress.kernels.build import load_source
+
+    # no contraction into multiply-adds beyond those the source spells (to match PyTorch's rounding);
+    # no errno from sqrtf, so its loop vectorises
+    lib = load_source(Path(__file__).with_name("adamw8bit.c"), ("-ffp-contract=off", "-fno-math-errno"))
+    if lib is None or lib.lm_adamw8bit_abi() != 1:
+        return None
+    p, n = ctypes.c_void_p, ctypes.c_long
+    lib.lm_adamw8bit_step.argtypes = [p, p, p, p, p, p, n, n, p, p, p, p, p, p, p, ctypes.c_int]
+    lib.lm_adamw8bit_step.restype = None
+    return lib
+
+
+def code_table(qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the 255 midpoints between `qmap`'s values, the uint8 code of the lowest float32 with each
+    possible top 16 bits): the fused step's quantisation starts at the table's code and steps up
+    past the midpoints below x, which gives `quantize_blockwise`'s code exactly."""
+    mids = (qmap[1:] + qmap[:-1]) / 2
+    prefix = torch.arange(1 << 16, dtype=torch.int64)
+    # the lowest value of a prefix: the smallest mantissa when positive, the largest when negative
+    bits = (prefix << 16) | torch.where(prefix >= 1 << 15, 0xFFFF, 0)
+    values = bits.to(torch.int32).view(torch.float32).nan_to_num(0.0)  # NaN prefixes: never looked up
+    return mids.contiguous(), torch.bucketize(values, mids).clamp_(0, 255).to(torch.uint8)
 
 
 def adamw_update(
@@ -134,7 +171,7 @@ class AdamW8bit(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.block_size, self.min_8bit_size = block_size, min_8bit_size
-        self._maps: dict[tuple[bool, torch.device], torch.Tensor] = {}
+        self._maps: dict[tuple, Any] = {}
 
     def qmap(self, signed: bool, device: torch.device) -> torch.Tensor:
         """The signed (for m) or unsigned (for v) dynamic map, built once per device."""
@@ -149,11 +186,12 @@ class AdamW8bit(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             return state
+        blocks = -(-p.numel() // self.block_size)
         for name in ("exp_avg", "exp_avg_sq"):
-            # all-zero codes would not decode to 0 in the signed map; quantise real zeros instead
-            zero = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            qmap = self.qmap(name == "exp_avg", p.device)
-            state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(zero, qmap, self.block_size)
+            # all-zero codes would not decode to 0 in the signed map: every element gets zero's code
+            code, _ = quantize_blockwise(torch.zeros(1), self.qmap(name == "exp_avg", torch.device("cpu")))
+            state[f"{name}_codes"] = torch.full(p.shape, int(code), dtype=torch.uint8, device=p.device)
+            state[f"{name}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
         return state
 
     @torch.no_grad()
@@ -181,7 +219,42 @@ class AdamW8bit(torch.optim.Optimizer):
                 self._update_8bit(p, state, hyper)
         return loss
 
+    def _fused(self, p: torch.Tensor) -> ctypes.CDLL | None:
+        """The compiled step when it applies: fp32 CPU weights and gradients, blocks it can hold."""
+        tensors = [p, p.grad, *(t for t in self.state[p].values() if t.dim())]
+        if p.device.type != "cpu" or p.dtype != torch.float32 or p.grad.dtype != torch.float32:
+            return None
+        if not all(t.is_contiguous() and t.device == p.device for t in tensors):
+            return None
+        lib = _kernel()
+        return lib if lib is not None and self.block_size <= lib.lm_adamw8bit_max_block() else None
+
+    def _tables(self, signed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(map, midpoints, code table) of the signed or unsigned map, for the compiled step."""
+        key = ("table", signed)
+        if key not in self._maps:
+            qmap = self.qmap(signed, torch.device("cpu"))
+            self._maps[key] = (qmap, *code_table(qmap))
+        return self._maps[key]
+
     def _update_8bit(self, p: torch.Tensor, state: dict[str, torch.Tensor], hyper: tuple) -> None:
+        """One step of an 8-bit-state parameter: compiled where it applies, else PyTorch's operations."""
+        lib = self._fused(p)
+        if lib is None:
+            self._update_8bit_torch(p, state, hyper)
+            return
+        beta1, beta2, lr, eps, wd, t = hyper
+        consts = [beta1, 1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), eps, 1 - lr * wd]
+        consts += [-lr / (1 - beta1**t), 1.0 if wd else 0.0]
+        scalars = torch.tensor(consts, dtype=torch.float32)  # each double rounded once, as PyTorch does
+        tables = [t.data_ptr() for t in (*self._tables(True), *self._tables(False))]
+        lib.lm_adamw8bit_step(
+            p.data_ptr(), p.grad.data_ptr(), state["exp_avg_codes"].data_ptr(), state["exp_avg_absmax"].data_ptr(),
+            state["exp_avg_sq_codes"].data_ptr(), state["exp_avg_sq_absmax"].data_ptr(), p.numel(),
+            self.block_size, *tables, scalars.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+
+    def _update_8bit_torch(self, p: torch.Tensor, state: dict[str, torch.Tensor], hyper: tuple) -> None:
         """Dequantise, update and requantise `CHUNK_BLOCKS` blocks at a time: the step then holds fp32
         moments and temporaries for one chunk (~15 MB with blocks of 2048) beside the 8-bit state, never
         for the whole tensor (~5 GB for a 50k × 4096 embedding). Blocks are independent, so the result

@@ -64,21 +64,21 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def library_path(compiler: str) -> Path:
+def library_path(compiler: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (SOURCE.read_text(), " ".join(FLAGS + LIBS), version, _cpu_flags()))
+        b"\0".join(s.encode() for s in (source.read_text(), " ".join(flags + LIBS), version, _cpu_flags()))
     ).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"qgemv-{key}.so"
+    return cache_dir() / "kernels" / f"{source.stem}-{key}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, target: Path, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, timeout=300
+            [compiler, *flags, "-o", tmp, str(source), *LIBS], capture_output=True, text=True, timeout=300
         )
         if result.returncode:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -116,5 +116,27 @@ def load() -> ctypes.CDLL | None:
             f"lmstack: building the quantized CPU kernels failed ({exc}); using PyTorch's kernels instead",
             RuntimeWarning,
             stacklevel=2,
+        )
+        return None
+
+
+@functools.cache
+def load_source(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Another C source built and loaded the same way (`FLAGS` + `extra_flags`; portable C, so any
+    CPU), or None when `LMSTACK_KERNELS=0`, there is no compiler or the build fails. The caller sets
+    the signatures."""
+    compiler = _compiler()
+    if os.environ.get("LMSTACK_KERNELS", "1") == "0" or compiler is None:
+        return None
+    try:
+        import torch  # noqa: F401  (PyTorch's libgomp first, as in `load`)
+
+        target = library_path(compiler, source, FLAGS + extra_flags)
+        if not target.exists():
+            _build(compiler, target, source, FLAGS + extra_flags)
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        warnings.warn(
+            f"lmstack: building {source.name} failed ({exc}); using PyTorch instead", RuntimeWarning, 2
         )
         return None
