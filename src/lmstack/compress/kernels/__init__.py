@@ -105,13 +105,19 @@ def _call_args(
     x: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None
 ) -> tuple[ctypes.CDLL, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What every product passes the library: it, x as contiguous float32 rows (M, K), the float32
-    output (M, N) to fill, and the bias as contiguous float32 (held by the caller across the call, so
-    the pointer it passes stays valid)."""
+    output (..., N) to fill (x's leading shape, so no reshape afterwards), and the bias as contiguous
+    float32 (held by the caller across the call, so the pointer it passes stays valid). A decode step
+    makes about four of these calls per layer, so the common case (float32, contiguous) does no
+    conversion at all."""
     lib = load()
     assert lib is not None, "the kernels are not available here — check kernels.available() first"
-    rows = x.reshape(-1, in_features).to(torch.float32).contiguous()
-    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-    return lib, rows, y, None if bias is None else bias.float().contiguous()
+    rows = x.reshape(-1, in_features)
+    if rows.dtype != torch.float32 or not rows.is_contiguous():
+        rows = rows.to(torch.float32).contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    return lib, rows, y, bias
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -125,7 +131,7 @@ def int8_matmul(x: torch.Tensor, p: PackedInt8, bias: torch.Tensor | None = None
         rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), p.scale.data_ptr(), _ptr(b),
         y.data_ptr(), p.out_features, _threads(p.out_features, p.in_features),
     )  # fmt: skip
-    return y.reshape(*x.shape[:-1], p.out_features)
+    return y
 
 
 def bf16_matmul(x: torch.Tensor, p: PackedBF16, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,7 +141,7 @@ def bf16_matmul(x: torch.Tensor, p: PackedBF16, bias: torch.Tensor | None = None
         rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), _ptr(b), y.data_ptr(),
         p.out_features, _threads(p.out_features, p.in_features),
     )  # fmt: skip
-    return y.reshape(*x.shape[:-1], p.out_features)
+    return y
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -156,4 +162,4 @@ def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None
         rows.data_ptr(), m, k, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(), p.offset.data_ptr(),
         _ptr(b), y.data_ptr(), p.out_features, scratch.data_ptr(), _threads(p.out_features, p.in_features),
     )  # fmt: skip
-    return y.reshape(*x.shape[:-1], p.out_features)
+    return y
