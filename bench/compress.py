@@ -1,11 +1,12 @@
 """Quantized decode benchmark: prints one JSON object (and a short table on stderr).
 
-`python bench/compress.py [--quick] [--threads 1,2] [--profile]`
+`python bench/compress.py [--quick] [--threads 1,2] [--shapes S,..] [--methods M,..] [--no-perplexity] [--profile]`
 
 1. Batch-1 greedy decode tokens/s and weight bytes of three random-weight shapes — GPT-2-124M, a
    Llama ~125M (GQA 12/4) and a deep thin one (30 layers x d 576, GQA 9/3, tied 49k vocabulary) —
-   per method: fp32, bf16, int8, int4-g32, int4-g128, nf4 (plus fp32 after `optimize_for_decode`, our
-   best float layout). Decode rate = (N - 1) / (t(N new) - t(1 new)), so prefill is excluded; the
+   per method: fp32, bf16, int8, int4-g32, int4-g128, nf4, and with the LM head quantized too
+   (int8+head, int4-g32+head, int4-g32+int8-head; a tied head from the shared matrix) (plus fp32 after
+   `optimize_for_decode`, our best float layout). Decode rate = (N - 1) / (t(N new) - t(1 new)), so prefill is excluded; the
    methods run interleaved, best of n, in one process at a fixed thread count. Random weights decode
    as fast as trained ones: the time is reading the weights.
 2. Perplexity on held-out tinyshakespeare of a model trained on the rest: bench/infer.py's cached
