@@ -313,6 +313,15 @@ def test_fused_products_equal_the_separate_ones(method, group_size):
         # prefill-sized batches run the modules one by one
         big = _x(40, 128)
         assert torch.equal(attn.fused_qkv(big), torch.cat([attn.q(big), attn.k(big), attn.v(big)], -1))
+        # the stacked copy follows the modules' tensors: written in place, or replaced
+        attn.v.scales.mul_(2)
+        attn.k.bias = nn.Parameter(torch.randn(attn.k.out_features), requires_grad=False)
+        attn.q.load_state_dict(
+            {k: v * 1 if k != "qweight" else v.flip(0) for k, v in attn.q.state_dict().items()}
+        )
+        changed = attn.fused_qkv(x)
+        assert not torch.equal(changed, qkv)
+        assert torch.equal(changed, torch.cat([attn.q(x), attn.k(x), attn.v(x)], -1))
     # a replaced projection (a LoRA wrapper, say) is no longer served by the fused product
     assert attn.fused_qkv.serves(attn.q, attn.k, attn.v)
     attn.k = nn.Identity()

@@ -128,6 +128,7 @@ class QuantLinear(nn.Module):
         self._packed: tuple[torch.Tensor, ...] | None = None
         self._own: kernels.PackedInt8 | kernels.PackedInt4 | None = None
         self._generation = 0  # bumped whenever the tensors are replaced (new device, dtype or state dict)
+        self._own_stamp: tuple | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantLinear:
@@ -213,8 +214,10 @@ class QuantLinear(nn.Module):
         )
 
     def _own_weights(self) -> kernels.PackedInt8 | kernels.PackedInt4:
-        if self._own is None:
+        stamp = self._stamp()  # repacked when the buffers change, as the fused products are
+        if self._own is None or self._own_stamp != stamp:
             self._own = _own_pack(self.scheme, self.qweight, self.scales, getattr(self, "zeros", None))
+            self._own_stamp = stamp
         return self._own
 
     def _packed_weights(self) -> tuple[torch.Tensor, ...]:
@@ -240,11 +243,10 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _stamp(self) -> tuple[int, ...]:
-        """Changes when the tensors do: replaced (`_generation`) or written in place (their version
-        counters). Cheap enough to check on every decode call."""
-        bias = self._parameters.get("bias")
-        versions = [t._version for t in self._buffers.values() if t is not None]
-        return self._generation, -1 if bias is None else bias._version, *versions
+        """Changes when the tensors do: replaced (`_generation`, the objects' ids) or written in place
+        (their version counters). Cheap enough to check on every decode call."""
+        tensors = [*self._buffers.values(), self._parameters.get("bias")]
+        return self._generation, *[(id(t), t._version) if t is not None else None for t in tensors]
 
 
 def _own_pack(
