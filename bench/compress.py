@@ -1,11 +1,12 @@
 """Quantized decode benchmark: prints one JSON object (and a short table on stderr).
 
-`python bench/compress.py [--quick] [--threads 1,2] [--profile]`
+`python bench/compress.py [--quick] [--threads 1,2] [--shapes S,..] [--methods M,..] [--no-perplexity] [--profile]`
 
 1. Batch-1 greedy decode tokens/s and weight bytes of three random-weight shapes — GPT-2-124M, a
    Llama ~125M (GQA 12/4) and a deep thin one (30 layers x d 576, GQA 9/3, tied 49k vocabulary) —
-   per method: fp32, bf16, int8, int4-g32, int4-g128, nf4 (plus fp32 after `optimize_for_decode`, our
-   best float layout). Decode rate = (N - 1) / (t(N new) - t(1 new)), so prefill is excluded; the
+   per method: fp32, bf16, int8, int4-g32, int4-g128, nf4, and with the LM head quantized too
+   (int8+head, int4-g32+head, int4-g32+int8-head; a tied head from the shared matrix) (plus fp32 after
+   `optimize_for_decode`, our best float layout). Decode rate = (N - 1) / (t(N new) - t(1 new)), so prefill is excluded; the
    methods run interleaved, best of n, in one process at a fixed thread count. Random weights decode
    as fast as trained ones: the time is reading the weights.
 2. Perplexity on held-out tinyshakespeare of a model trained on the rest: bench/infer.py's cached
@@ -15,8 +16,11 @@
    q4_0, q4_k_m; cached in bench/.cache/gguf/ by weights and exporter source): `llamacpp_tok_s` is its
    batch-1 greedy decode rate after the same 32-token prompt, decode steps only, at the same thread
    count (n_threads = n_threads_batch), interleaved with ours; the `gguf-*` perplexity rows are
-   llama.cpp's own logits on the same windows. `vs_llamacpp_q8_0` = our int8 / llama.cpp Q8_0 and
-   `vs_llamacpp_q4_0` = our int4-g32 / llama.cpp Q4_0, per shape.
+   llama.cpp's own logits on the same windows. `vs_llamacpp_q8_0` = our int8+head / llama.cpp Q8_0
+   and `vs_llamacpp_q4_0` = our int4-g32+int8-head / llama.cpp Q4_0, per shape: llama.cpp's files
+   quantize the head too (Q8_0; Q4_0 files Q8_0 or Q6_K), so these are the rows of matching bits per
+   weight (`vs_llamacpp_configurations` names them); the `*_float_head` ratios are our default
+   (float head) against the same files.
    llama.cpp repacks Q4_0/Q8_0/K-quant weights at load into AMX/AVX-512 layouts when it can; a
    subprocess probes that first (on some CPUs its AMX matmul segfaults), and `llamacpp.repack` says
    which setting the rows used.
@@ -66,13 +70,26 @@ METHODS = {
     "int4-g32": ("int4", 32),
     "int4-g128": ("int4", 128),
     "nf4": ("nf4", 64),
-    # the LM head quantized too (untied models only): the float head is a large share of each step
+    # the LM head quantized too (a tied head from the shared matrix, the embedding lookup stays
+    # float), as llama.cpp's files do: on a small model with a large vocabulary the head is a large
+    # share of each step's bytes
     "int8+head": ("int8", None, True),
     "int4-g32+head": ("int4", 32, True),
+    "int4-g32+int8-head": ("int4", 32, "int8"),
 }
 # GGUF rows: method -> `lmstack export gguf --type`; our method -> its llama.cpp peer at the same bits
 GGUF_TYPES = {"gguf-f16": "f16", "gguf-q8_0": "q8_0", "gguf-q4_0": "q4_0", "gguf-q4_k_m": "q4_k_m"}
-PEERS = {"vs_llamacpp_q8_0": ("int8", "gguf-q8_0"), "vs_llamacpp_q4_0": ("int4-g32", "gguf-q4_0")}
+# The summary ratios compare the configuration whose bits per weight match llama.cpp's file, which
+# quantizes the head too: Q8_0 files a Q8_0 head (ours: int8+head); Q4_0 files Q4_0 blocks with a
+# Q8_0 head where the width is not a multiple of 256, else Q6_K (ours: int4-g32 blocks with an int8
+# head, the same or 1.5 bits more per head weight). The `_float_head` ratios are our default (a
+# bfloat16 copy of a float head while decoding), kept for comparison.
+PEERS = {
+    "vs_llamacpp_q8_0": ("int8+head", "gguf-q8_0"),
+    "vs_llamacpp_q4_0": ("int4-g32+int8-head", "gguf-q4_0"),
+    "vs_llamacpp_q8_0_float_head": ("int8", "gguf-q8_0"),
+    "vs_llamacpp_q4_0_float_head": ("int4-g32", "gguf-q4_0"),
+}
 # widths multiples of 256, so the q4_k_m row holds real Q4_K/Q6_K tensors rather than their fallbacks
 SMALL = dict(family="llama", d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=768, max_seq_len=256)
 PROMPT = 32
@@ -87,7 +104,9 @@ def variant(model: torch.nn.Module, method: str) -> torch.nn.Module:
     spec = METHODS[method]
     if isinstance(spec, torch.dtype):
         return copy.deepcopy(model).to(spec)
-    return quantize(copy.deepcopy(model), spec[0], group_size=spec[1], include_head=len(spec) > 2)
+    return quantize(
+        copy.deepcopy(model), spec[0], group_size=spec[1], include_head=spec[2] if len(spec) > 2 else False
+    )
 
 
 def size_bytes(model: torch.nn.Module) -> int:
@@ -197,10 +216,17 @@ def setup_llamacpp(skip: bool) -> tuple[dict | None, dict]:
 
 # ---- 1. decode ------------------------------------------------------------------------------------
 def bench_decode(
-    name: str, config: ModelConfig, threads: int, n_new: int, repeats: int, llamacpp: dict | None
+    name: str,
+    config: ModelConfig,
+    threads: int,
+    n_new: int,
+    repeats: int,
+    llamacpp: dict | None,
+    methods: list[str] | None = None,
 ) -> dict:
     """Our methods' decode rates, and llama.cpp's on GGUF exports of the same weights (`llamacpp`:
-    {"tokenizer", "repack"}, or None to skip them)."""
+    {"tokenizer", "repack"}, or None to skip them). `methods` limits ours (fp32 always runs: the
+    speedups are against it)."""
     torch.set_num_threads(threads)
     base = build_model(config, seed=0).eval()
     ggufs, llms = {}, {}
@@ -209,7 +235,7 @@ def bench_decode(
             ggufs[method] = cached_gguf(name, base, llamacpp["tokenizer"], file_type)
             llms[method] = load_llamacpp(ggufs[method], threads, PROMPT + n_new + 8, llamacpp["repack"])
     models, skipped = {}, {}
-    for method in METHODS:
+    for method in METHODS if methods is None else ["fp32", *[m for m in methods if m != "fp32"]]:
         try:
             models[method] = variant(base, method)
         except ValueError as exc:  # e.g. a group size that does not divide this shape's width
@@ -251,10 +277,10 @@ def bench_decode(
     for method, times in cpp_times.items():  # our decode of a GGUF is its float import: fp32's row
         rows[method] = {"size_bytes": ggufs[method].stat().st_size, "decode_tok_s": None,
                         "llamacpp_tok_s": round(n_new / min(times), 2)}  # fmt: skip
-    for key, (ours, peer) in PEERS.items():
+    for ours, peer in PEERS.values():
         if "decode_tok_s" in rows.get(ours, {}) and peer in rows:
             rows[ours]["llamacpp_peer"] = peer
-            rows[ours][key] = round(rows[ours]["decode_tok_s"] / rows[peer]["llamacpp_tok_s"], 3)
+            rows[ours]["vs_llamacpp"] = round(rows[ours]["decode_tok_s"] / rows[peer]["llamacpp_tok_s"], 3)
     del llms
     return {"shape": name, "threads": threads, "params": sum(p.numel() for p in tuned.parameters()),
             "fp32_layout": layout, "methods": rows}  # fmt: skip
@@ -361,6 +387,10 @@ def main() -> None:
     )
     parser.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {','.join(SHAPES)}")
+    parser.add_argument(
+        "--methods", help=f"decode rows to run (fp32 always runs), a subset of {','.join(METHODS)}"
+    )
+    parser.add_argument("--no-perplexity", action="store_true", help="decode rows only")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables and exit")
     parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp rows")
     args = parser.parse_args()
@@ -376,9 +406,12 @@ def main() -> None:
     for name in [s for s in args.shapes.split(",") if s]:
         for t in threads:
             log(f"decode {name}, {t} thread(s)")
-            decode.append(bench_decode(name, SHAPES[name], t, n_new, repeats, llamacpp))
-    log("perplexity")
-    ppl = bench_perplexity(args.quick, threads[0], llamacpp)
+            methods = args.methods.split(",") if args.methods else None
+            decode.append(bench_decode(name, SHAPES[name], t, n_new, repeats, llamacpp, methods))
+    ppl = None
+    if not args.no_perplexity:
+        log("perplexity")
+        ppl = bench_perplexity(args.quick, threads[0], llamacpp)
     summary = {}
     for row in decode:
         key = f"{row['shape']}@{row['threads']}t"
@@ -387,9 +420,12 @@ def main() -> None:
                 summary.setdefault(f"{label}_decode_speedup", {})[key] = row["methods"][method][
                     "speedup_vs_fp32"
                 ]
-        for label, (method, _) in PEERS.items():
-            if label in row["methods"].get(method, {}):
-                summary.setdefault(label, {})[key] = row["methods"][method][label]
+        for label, (method, peer) in PEERS.items():
+            if "vs_llamacpp" in row["methods"].get(method, {}):
+                summary.setdefault(label, {})[key] = row["methods"][method]["vs_llamacpp"]
+                summary.setdefault("vs_llamacpp_configurations", {})[label] = (
+                    f"ours {method} / llama.cpp {peer}"
+                )
     result = {
         "quick": args.quick,
         "torch": torch.__version__,
@@ -421,8 +457,10 @@ def main() -> None:
                 log(
                     f"  {method:18s} {r['size_bytes'] / 1e6:8.1f} {r['decode_tok_s']:7.2f} {r['speedup_vs_fp32']:6.2f}"
                 )
-    for label in PEERS:
-        log(f"{label}: {summary.get(label)}")
+    for label, (method, peer) in PEERS.items():
+        log(f"{label} ({method} / {peer}): {summary.get(label)}")
+    if ppl is None:
+        return
     log(f"perplexity ({ppl['model']}, {ppl['tokens']} held-out tokens):")
     for method, r in ppl["methods"].items():
         log(f"  {method:10s} {r.get('perplexity', r.get('skipped'))}  delta {r.get('perplexity_delta')}")

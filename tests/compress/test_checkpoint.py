@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from lmstack.cli import main
-from lmstack.compress import QuantLinear, quantize
+from lmstack.compress import QuantLinear, quantization_config, quantize
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
 from lmstack.infer import generate
@@ -47,7 +47,33 @@ def tokenizer():
 @pytest.mark.parametrize("config", [LLAMA, GPT2, MIXTRAL], ids=["llama", "gpt2", "mixtral"])
 @pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32), ("nf4", 64)])
 def test_round_trip_is_exact(tmp_path, config, method, group_size):
-    model = quantize(_model(config), method, group_size=group_size)
+    _check_round_trip(tmp_path, quantize(_model(config), method, group_size=group_size))
+
+
+@pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32)])
+def test_round_trip_of_a_quantized_tied_head(tmp_path, method, group_size):
+    """GPT-2's head is tied: with include_head it is saved quantized beside the float embedding and
+    loads back untied, although config.json still records tied embeddings."""
+    model = quantize(_model(GPT2), method, group_size=group_size, include_head=True)
+    assert GPT2.tie_embeddings and isinstance(model.lm_head, QuantLinear)
+    loaded = _check_round_trip(tmp_path, model)
+    assert isinstance(loaded.lm_head, QuantLinear)
+    assert not torch.equal(loaded.lm_head.dequantize(torch.float32), loaded.tok_emb.weight)
+
+
+def test_round_trip_of_a_head_in_its_own_scheme(tmp_path):
+    """int4 blocks with an int8 head (llama.cpp's Q4_0 files keep an 8-bit head): config.json records
+    the head's scheme and the loader rebuilds it."""
+    model = quantize(_model(GPT2), "int4", group_size=32, include_head="int8")
+    record = quantization_config(model)
+    assert record["scheme"] == "int4" and record["head"] == {"scheme": "int8", "bits": 8, "group_size": None}
+    assert model.lm_head.scheme.method == "int8" and model.blocks[0].attn.q.scheme.method == "int4"
+    loaded = _check_round_trip(tmp_path, model)
+    assert loaded.lm_head.scheme == model.lm_head.scheme
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"] == record
+
+
+def _check_round_trip(tmp_path, model):
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
     save_pretrained(model, tmp_path / "q")
     loaded = from_pretrained(tmp_path / "q")
@@ -58,6 +84,7 @@ def test_round_trip_is_exact(tmp_path, config, method, group_size):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     with torch.no_grad():
         assert torch.equal(model(ids), loaded(ids))
+    return loaded
 
 
 def test_folder_layout(tmp_path):
@@ -129,6 +156,12 @@ def test_cli_quantize(tmp_path, tokenizer, capsys):
     assert summary["size_bytes"] < summary["source_bytes"]
     model, _ = load_model_and_tokenizer(out)
     assert isinstance(model.blocks[1].mlp.down, QuantLinear)
+    for flag, head in [(["--include-head"], "int4"), (["--include-head", "int8"], "int8")]:
+        argv = ["--model", str(tmp_path / "float"), "--method", "int4", "--group-size", "32"]
+        assert main(["quantize", *argv, *flag, "--out", str(tmp_path / f"int4-{head}-head")]) == 0
+        assert json.loads(capsys.readouterr().out)["quantized_modules"] == 15
+        model, _ = load_model_and_tokenizer(tmp_path / f"int4-{head}-head")
+        assert model.lm_head.scheme.method == head and model.blocks[0].attn.q.scheme.method == "int4"
     for argv, message in [
         (["--model", str(out), "--method", "int4", "--out", str(tmp_path / "x")], "already quantized (int8)"),
         (["--model", str(tmp_path / "float"), "--method", "int4", "--group-size", "48", "--out", str(tmp_path / "x")],

@@ -1,10 +1,12 @@
 """Our int8/int4 CPU kernels (lmstack.compress.kernels) against dequantise-then-matmul.
 
-The kernels compute in float32 on exactly converted integers, so they differ from the reference
-(the dequantised matrix times x, here in float64) only by float32 rounding of the sums: for a dot
-product of length K that error is at most ~K·2^-24 of Σ|x|·|w| (the standard bound γ_K). We allow
-2·(K + 8)·2^-24 of it. A single wrong code or scale moves an output by about |x|·|w| of one term,
-~Σ|x|·|w| / K, far above the bound for the K used here.
+The int8 and int4 kernels multiply the activation rounded to int8 per 32 inputs
+(`kernels.quantize_activations`, checked against its definition below) by the exact integer codes,
+and the bfloat16 head multiplies x by exactly widened weights; so each differs from its reference
+(the dequantised matrix times the activation it multiplies, here in float64) only by float32 rounding
+of the sums: for a dot product of length K that error is at most ~K·2^-24 of Σ|x|·|w| (the standard
+bound γ_K). We allow 2·(K + 8)·2^-24 of it. A single wrong code or scale moves an output by about
+|x|·|w| of one term, ~Σ|x|·|w| / K, far above the bound for the K used here.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def _unaligned(t: torch.Tensor, offset_bytes: int) -> torch.Tensor:
 def test_int8_equals_dequantize_then_matmul(shape, rows):
     t = int8_quantize(_weight(*shape, seed=shape[0]))
     x = _x(rows, shape[1])
-    _check(kernels.int8_matmul(x, kernels.pack_int8(t.q, t.scale)), x, int8_dequantize(t))
+    y = kernels.int8_matmul(x, kernels.pack_int8(t.q, t.scale))
+    _check(y, kernels.quantize_activations(x), int8_dequantize(t))
 
 
 @needs_kernels
@@ -76,10 +79,13 @@ def test_int4_equals_dequantize_then_matmul(group_size, shape, rows):
     _check(kernels.int4_matmul(x, packed), kernels.quantize_activations(x), int4_dequantize(t))
 
 
-def test_int4_activations_are_rounded_to_int8_per_32_inputs():
-    x = _x(3, 128) * torch.linspace(0.01, 10, 128)  # blocks of very different magnitudes
+@pytest.mark.parametrize("width", [128, 100])
+def test_activations_are_rounded_to_int8_per_32_inputs(width):
+    x = _x(3, width) * torch.linspace(0.01, 10, width)  # blocks of very different magnitudes
     xq = kernels.quantize_activations(x)
-    blocks, qblocks = x.reshape(3, 4, 32), xq.reshape(3, 4, 32)
+    assert xq.shape == x.shape
+    padded = torch.nn.functional.pad(torch.stack([x, xq]), (0, -width % 32))  # a partial block: zeros
+    blocks, qblocks = padded[0].reshape(3, -1, 32), padded[1].reshape(3, -1, 32)
     step = blocks.abs().amax(-1, keepdim=True) / 127
     assert ((qblocks - blocks).abs() <= step / 2 * (1 + 1e-6)).all()  # round to nearest step
     codes = qblocks / step
@@ -93,7 +99,7 @@ def test_bias_and_leading_dimensions():
     t8 = int8_quantize(w)
     y = kernels.int8_matmul(x, kernels.pack_int8(t8.q, t8.scale), bias)
     assert y.shape == (2, 3, 33)
-    _check(y.reshape(6, 33), x.reshape(6, 96), int8_dequantize(t8), bias)
+    _check(y.reshape(6, 33), kernels.quantize_activations(x.reshape(6, 96)), int8_dequantize(t8), bias)
     t4 = int4_quantize(w, 32)
     y = kernels.int4_matmul(x, kernels.pack_int4(t4.packed, t4.scale, t4.zero, 32), bias)
     _check(y.reshape(6, 33), kernels.quantize_activations(x.reshape(6, 96)), int4_dequantize(t4), bias)
@@ -108,7 +114,7 @@ def test_unaligned_pointers(offset):
     t8 = int8_quantize(w)
     p8 = kernels.pack_int8(t8.q, t8.scale)
     p8 = dataclasses.replace(p8, weight=_unaligned(p8.weight, offset), scale=_unaligned(p8.scale, 4))
-    _check(kernels.int8_matmul(x_off, p8), x, int8_dequantize(t8))
+    _check(kernels.int8_matmul(x_off, p8), kernels.quantize_activations(x), int8_dequantize(t8))
     t4 = int4_quantize(w, 32)
     p4 = kernels.pack_int4(t4.packed, t4.scale, t4.zero, 32)
     p4 = dataclasses.replace(p4, weight=_unaligned(p4.weight, offset), offset=_unaligned(p4.offset, 4))
@@ -131,7 +137,7 @@ def test_thread_counts_give_identical_results(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-    _check(results[1][0], x, int8_dequantize(t8))
+    _check(results[1][0], kernels.quantize_activations(x), int8_dequantize(t8))
     _check(results[1][1], kernels.quantize_activations(x), int4_dequantize(t4))
 
 
@@ -153,12 +159,7 @@ def test_quant_linear_uses_our_kernel_for_small_batches(method, group_size):
         y = q(x)
     assert q._own is not None  # the small batch went through our kernel
     rows = x.reshape(3, 256)
-    _check(
-        y.reshape(3, -1),
-        rows if method == "int8" else kernels.quantize_activations(rows),
-        q.dequantize(),
-        q.bias,
-    )
+    _check(y.reshape(3, -1), kernels.quantize_activations(rows), q.dequantize(), q.bias)
     # a large batch (prefill) takes PyTorch's path, rounding activations to bfloat16
     big = _x(64, 256)
     with torch.no_grad():
@@ -208,9 +209,9 @@ def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, fresh_load, t
 @pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32)])
 def test_quantized_model_decodes_through_our_kernels(method, group_size):
     """Greedy decoding of a quantized model against its dequantised float twin (head rounded to
-    bfloat16): int8 gives the same tokens and small-batch logits within float32 rounding. int4's kernel
-    rounds activations to int8 per 32 inputs: on this deliberately large-weight model that moves the
-    logits by ~4% of their largest magnitude (PyTorch's bfloat16 activations: ~1.6%); we allow 5%."""
+    bfloat16). Our kernels round activations to int8 per 32 inputs: on this deliberately
+    large-weight model that moves the logits by ~4% of their largest magnitude (PyTorch's bfloat16
+    activations: ~1.6%); we allow 5%."""
     config = ModelConfig(family="llama", vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
                          d_ff=256, max_seq_len=64)  # fmt: skip
     model = build_model(config, seed=0).eval()
@@ -237,16 +238,14 @@ def test_quantized_model_decodes_through_our_kernels(method, group_size):
     prompt = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         ours = generate(quantized, prompt, max_new_tokens=6, stop_ids=())
-        ref = generate(twin, prompt, max_new_tokens=6, stop_ids=())
         tail = torch.tensor([list(ours[0])[-6:]])  # 6 rows: within our kernels' batch size
         logits_ours, logits_ref = quantized(tail), twin(tail)
-    assert ours == ref or method == "int4"
     # o and down through our kernel; q, k, v and gate, up through one fused call each
     for block in quantized.blocks:
         assert block.attn.o._own is not None and block.mlp.down._own is not None
         assert isinstance(block.attn.fused_qkv, FusedQuant) and block.attn.fused_qkv._packed is not None
         assert isinstance(block.mlp.fused_gate_up, FusedQuant) and block.mlp.fused_gate_up._packed is not None
-    bound = (1e-4 if method == "int8" else 5e-2) * logits_ref.abs().max()
+    bound = 5e-2 * logits_ref.abs().max()
     assert (logits_ours - logits_ref).abs().max() <= bound
     # our top-1 token is the reference's, or one within the error bound of it (a near tie)
     chosen = logits_ref.gather(-1, logits_ours.argmax(-1, keepdim=True)).squeeze(-1)
@@ -314,6 +313,15 @@ def test_fused_products_equal_the_separate_ones(method, group_size):
         # prefill-sized batches run the modules one by one
         big = _x(40, 128)
         assert torch.equal(attn.fused_qkv(big), torch.cat([attn.q(big), attn.k(big), attn.v(big)], -1))
+        # the stacked copy follows the modules' tensors: written in place, or replaced
+        attn.v.scales.mul_(2)
+        attn.k.bias = nn.Parameter(torch.randn(attn.k.out_features), requires_grad=False)
+        attn.q.load_state_dict(
+            {k: v * 1 if k != "qweight" else v.flip(0) for k, v in attn.q.state_dict().items()}
+        )
+        changed = attn.fused_qkv(x)
+        assert not torch.equal(changed, qkv)
+        assert torch.equal(changed, torch.cat([attn.q(x), attn.k(x), attn.v(x)], -1))
     # a replaced projection (a LoRA wrapper, say) is no longer served by the fused product
     assert attn.fused_qkv.serves(attn.q, attn.k, attn.v)
     attn.k = nn.Identity()

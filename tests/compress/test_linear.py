@@ -177,10 +177,40 @@ def test_moe_experts_are_quantized_and_the_router_is_not():
 
 
 def test_include_head():
-    with pytest.raises(InputError, match="tied"):
-        quantize(_model(_config(tie_embeddings=True)), "int8", include_head=True)
     model = quantize(_model(_config(tie_embeddings=False)), "int4", group_size=64, include_head=True)
     assert isinstance(model.lm_head, QuantLinear)
+
+
+@pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32)])
+def test_include_head_quantizes_a_tied_head_and_keeps_the_embedding_float(method, group_size):
+    float_model = _model(_config(tie_embeddings=True), std=0.2)
+    embedding = float_model.tok_emb.weight.detach().clone()
+    ids = torch.randint(0, 320, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = float_model.features(ids)
+    model = quantize(float_model, method, group_size=group_size, include_head=True)
+    head = model.lm_head
+    assert isinstance(head, QuantLinear) and torch.equal(model.tok_emb.weight, embedding)
+    # the head is the shared matrix quantized; the lookup still reads the float rows
+    reference = _quantize_like(embedding, method, group_size)
+    assert torch.equal(head.dequantize(torch.float32), reference)
+    assert "lm_head" in quantization_config(model)["modules"]
+    state = model.state_dict()
+    assert "tok_emb.weight" in state and "lm_head.qweight" in state and "lm_head.weight" not in state
+    with torch.no_grad():
+        logits = model(ids)
+        blocks_only = model.features(ids)
+    assert not torch.equal(blocks_only, hidden)  # the blocks are quantized too, as without the head
+    torch.testing.assert_close(logits, blocks_only @ reference.t(), atol=2**-6 * logits.abs().max(), rtol=0)
+    # model.to(...) must not re-tie the head to the embedding
+    model.to(torch.float32)
+    assert isinstance(model.lm_head, QuantLinear)
+
+
+def _quantize_like(w: torch.Tensor, method: str, group_size: int | None) -> torch.Tensor:
+    if method == "int8":
+        return int8_dequantize(int8_quantize(w), torch.float32)
+    return int4_dequantize(int4_quantize(w, group_size), torch.float32)
 
 
 def test_refusals_leave_the_model_untouched():

@@ -29,8 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--include-head",
-        action="store_true",
-        help="quantize the LM head too (only if untied from the embedding)",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=[True, *METHODS],
+        metavar="METHOD",
+        help="quantize the LM head too, with --method or the METHOD given (e.g. int4 blocks, int8 head); "
+        "a tied head from the shared matrix, the embedding stays float",
     )
     p.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="folder to write (replaced atomically)"
@@ -52,7 +57,7 @@ def quantize_folder(
     method: str,
     *,
     group_size: int | None = None,
-    include_head: bool = False,
+    include_head: bool | str = False,
 ) -> dict[str, Any]:
     """Quantize the model of a checkpoint or run folder and save it, with its tokenizer, to `out`."""
     source = resolve_model_dir(model_dir)

@@ -21,11 +21,18 @@ from lmstack.compress.linear import (
 
 
 def quantize(
-    model: nn.Module, method: str, *, group_size: int | None = None, include_head: bool = False
+    model: nn.Module, method: str, *, group_size: int | None = None, include_head: bool | str = False
 ) -> nn.Module:
-    """Quantize `model`'s attention and MLP projections (and the untied LM head with `include_head`)
-    in place with `method`; `group_size` is int4's group (default 128) or NF4's block (default 64)."""
-    return swap(model, QuantScheme.make(method, group_size), include_head=include_head)
+    """Quantize `model`'s attention and MLP projections in place with `method`; `group_size` is int4's
+    group (default 128) or NF4's block (default 64). `include_head` quantizes the LM head too: True
+    with `method`, or a method name for the head alone (e.g. int4 blocks with an "int8" head, as
+    llama.cpp's Q4_0 files keep an 8-bit head); a head tied to the embedding is quantized from the
+    shared matrix and the embedding stays float."""
+    scheme = QuantScheme.make(method, group_size)
+    if isinstance(include_head, str):
+        head = QuantScheme.make(include_head) if include_head != method else scheme
+        return swap(model, scheme, include_head=True, head_scheme=head)
+    return swap(model, scheme, include_head=include_head)
 
 
 __all__ = [

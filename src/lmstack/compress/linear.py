@@ -127,6 +127,8 @@ class QuantLinear(nn.Module):
         # PyTorch's CPU kernel's layout and our kernels', each built on first use
         self._packed: tuple[torch.Tensor, ...] | None = None
         self._own: kernels.PackedInt8 | kernels.PackedInt4 | None = None
+        self._generation = 0  # bumped whenever the tensors are replaced (new device, dtype or state dict)
+        self._own_stamp: tuple | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantLinear:
@@ -212,8 +214,10 @@ class QuantLinear(nn.Module):
         )
 
     def _own_weights(self) -> kernels.PackedInt8 | kernels.PackedInt4:
-        if self._own is None:
+        stamp = self._stamp()  # repacked when the buffers change, as the fused products are
+        if self._own is None or self._own_stamp != stamp:
             self._own = _own_pack(self.scheme, self.qweight, self.scales, getattr(self, "zeros", None))
+            self._own_stamp = stamp
         return self._own
 
     def _packed_weights(self) -> tuple[torch.Tensor, ...]:
@@ -230,11 +234,19 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._packed = self._own = None  # a new device or dtype: repack from the buffers on next use
+        self._generation += 1
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._packed = self._own = None
+        self._generation += 1
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _stamp(self) -> tuple[int, ...]:
+        """Changes when the tensors do: replaced (`_generation`, the objects' ids) or written in place
+        (their version counters). Cheap enough to check on every decode call."""
+        tensors = [*self._buffers.values(), self._parameters.get("bias")]
+        return self._generation, *[(id(t), t._version) if t is not None else None for t in tensors]
 
 
 def _own_pack(
@@ -250,8 +262,10 @@ def _own_matmul(
     x: torch.Tensor, packed: kernels.PackedInt8 | kernels.PackedInt4, bias: torch.Tensor | None
 ) -> torch.Tensor:
     if isinstance(packed, kernels.PackedInt8):
-        return kernels.int8_matmul(x, packed, bias).to(x.dtype)
-    return kernels.int4_matmul(x, packed, bias).to(x.dtype)
+        y = kernels.int8_matmul(x, packed, bias)
+    else:
+        y = kernels.int4_matmul(x, packed, bias)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 class FusedQuant:
@@ -261,7 +275,8 @@ class FusedQuant:
     The modules stay in place; the owner asks `serves(...)` with its current modules, so replacing
     one (a LoRA wrapper) turns the fused product off. Batches our kernels do not take run the
     modules one by one. The stacked copy is built on first use and rebuilt when a module's tensors
-    change (it replaces, not adds to, the modules' own packed copies while decoding)."""
+    change: replaced, or their codes or scales written in place (it replaces, not adds to, the
+    modules' own packed copies while decoding)."""
 
     def __init__(self, modules: tuple[QuantLinear, ...]):
         self.modules = modules
@@ -285,8 +300,7 @@ class FusedQuant:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.modules[0]._uses_own_kernel(x):
             return torch.cat([m(x) for m in self.modules], dim=-1)
-        tensors = [t for m in self.modules for t in (m.qweight, m.scales, getattr(m, "zeros", None), m.bias)]
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        key = tuple(m._stamp() for m in self.modules)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, *self._stack())
         return _own_matmul(x, self._packed[1], self._packed[2])
@@ -435,32 +449,38 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def swap(model: nn.Module, scheme: QuantScheme, *, include_head: bool = False) -> nn.Module:
+def swap(
+    model: nn.Module,
+    scheme: QuantScheme,
+    *,
+    include_head: bool = False,
+    head_scheme: QuantScheme | None = None,
+) -> nn.Module:
     """Replace the model's projections by `QuantLinear`s of `scheme`, in place; returns the model.
 
-    Every module is checked before any is replaced, so a refused call leaves the model as it was."""
+    With `include_head`, the LM head is quantized too. A head tied to the token embedding is
+    quantized from the shared matrix and the tie ends: the embedding lookup keeps the float matrix
+    (a lookup reads one row, so its bytes do not matter), the logits come from the quantized copy —
+    what llama.cpp's Q8_0/Q4_0 files do with a tied `token_embd`, and on a small model with a large
+    vocabulary the head is the largest matrix a decode step reads. The checkpoint then holds both.
+    `head_scheme` quantizes the head differently from the blocks (default: `scheme`). Every module is checked before any is replaced, so a refused call leaves the model as it was."""
     if is_quantized(model):
         method = next(m.scheme.method for m in model.modules() if isinstance(m, QuantLinear))
         raise InputError(f"the model is already quantized ({method}) — quantize its float checkpoint instead")
-    if include_head and getattr(model, "lm_head", None) is not None:
-        tok_emb = getattr(model, "tok_emb", None)
-        if tok_emb is not None and model.lm_head.weight is tok_emb.weight:
+    targets = [
+        (name, linear, head_scheme if name == "lm_head" and head_scheme is not None else scheme)
+        for name, linear in target_linears(model, include_head=include_head)
+    ]
+    for name, linear, s in targets:
+        if s.method == "int4" and linear.in_features % s.group_size:
+            fits = [g for g in INT4_GROUP_SIZES if linear.in_features % g == 0]
+            fix = f"use --group-size {fits[-1]}" if fits else "use int8 or nf4"
             raise InputError(
-                "lm_head shares its weight with the token embedding (tied), which stays in float — "
-                "leave the head out (no --include-head) or use a model with untied embeddings"
+                f"int4 group size {s.group_size} does not divide the input width "
+                f"{linear.in_features} of {name} — {fix}"
             )
-    targets = list(target_linears(model, include_head=include_head))
-    if scheme.method == "int4":
-        for name, linear in targets:
-            if linear.in_features % scheme.group_size:
-                fits = [g for g in INT4_GROUP_SIZES if linear.in_features % g == 0]
-                fix = f"use --group-size {fits[-1]}" if fits else "use int8 or nf4"
-                raise InputError(
-                    f"int4 group size {scheme.group_size} does not divide the input width "
-                    f"{linear.in_features} of {name} — {fix}"
-                )
-    for name, linear in targets:
-        _replace(model, name, QuantLinear.from_linear(linear, scheme))
+    for name, linear, s in targets:
+        _replace(model, name, QuantLinear.from_linear(linear, s))
     use_decode_head(model)
     fuse_quantized(model)
     return model
@@ -477,17 +497,22 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not quantized:
         return None
-    schemes = {m.scheme for _, m in quantized}
+    schemes = {m.scheme for n, m in quantized if n != "lm_head"}
+    head = next((m.scheme for n, m in quantized if n == "lm_head"), None)
     if len(schemes) > 1:
         raise InputError("the model mixes quantization schemes — quantize it with one method")
-    scheme = schemes.pop()
-    return {
+    scheme = schemes.pop() if schemes else head
+    assert scheme is not None
+    record = {
         "quant_method": QUANT_METHOD,
         "scheme": scheme.method,
         "bits": scheme.bits,
         "group_size": scheme.group_size,
         "modules": [n for n, _ in quantized],
     }
+    if head is not None and head != scheme:  # the head in its own scheme (`quantize(include_head="int8")`)
+        record["head"] = {"scheme": head.method, "bits": head.bits, "group_size": head.group_size}
+    return record
 
 
 def prepare_quantized(model: nn.Module, config: dict[str, Any], *, dtype: torch.dtype) -> None:
@@ -501,6 +526,8 @@ def prepare_quantized(model: nn.Module, config: dict[str, Any], *, dtype: torch.
         )
     try:
         scheme = QuantScheme.make(config["scheme"], config.get("group_size"))
+        head = config.get("head")
+        head_scheme = scheme if head is None else QuantScheme.make(head["scheme"], head.get("group_size"))
         modules = list(config["modules"])
     except (KeyError, TypeError) as exc:
         raise InputError(
@@ -523,7 +550,7 @@ def prepare_quantized(model: nn.Module, config: dict[str, Any], *, dtype: torch.
             QuantLinear(
                 linear.in_features,
                 linear.out_features,
-                scheme,
+                head_scheme if name == "lm_head" else scheme,
                 bias=linear.bias is not None,
                 device=device,
                 dtype=dtype,

@@ -238,16 +238,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        fused = self.fused_qkv
-        if fused is not None and fused.serves(self.q, self.k, self.v):
-            q, k, v = fused(x).split((c.q_dim, c.kv_dim, c.kv_dim), -1)
-        else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        q = q.view(B, T, c.n_heads, c.head_dim)
-        k = k.view(B, T, c.n_kv_heads, c.head_dim)
-        v = v.view(B, T, c.n_kv_heads, c.head_dim)
-        if ctx.rope is not None:
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        q, k, v = self._project(x, ctx.rope)
         # (B, T, heads, D) -> (B, heads, T, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         k_pos, k_valid, plain_causal = ctx.positions, ctx.valid, ctx.plain_causal
@@ -267,3 +258,25 @@ class Attention(nn.Module):
         )  # fmt: skip
         self.last_weights = weights
         return self.o(y.transpose(1, 2).reshape(B, T, c.q_dim))
+
+    def _project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, T, H, D), k and v (B, T, KV, D), RoPE applied to q and k. With a fused product, q and
+        k are adjacent columns of one output, so one rotation serves both heads' sets (a decode step
+        of a deep, thin model is dominated by the count of such small ops, not their size)."""
+        c = self.config
+        B, T, _ = x.shape
+        H, KV, D = c.n_heads, c.n_kv_heads, c.head_dim
+        fused = self.fused_qkv
+        if fused is None or not fused.serves(self.q, self.k, self.v):
+            q, k = self.q(x).view(B, T, H, D), self.k(x).view(B, T, KV, D)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            return q, k, self.v(x).view(B, T, KV, D)
+        qkv = fused(x)  # (B, T, (H + 2·KV)·D)
+        v = qkv[..., c.q_dim + c.kv_dim :].view(B, T, KV, D)
+        qk = qkv[..., : c.q_dim + c.kv_dim].view(B, T, H + KV, D)
+        if rope is not None:
+            qk = apply_rope(qk, *rope)
+        return qk[:, :, :H], qk[:, :, H:], v

@@ -39,6 +39,7 @@ class MLP(nn.Module):
             return self.down(self.act(self.up(x)))
         fused = self.fused_gate_up
         if fused is not None and fused.serves(self.gate, self.up):
-            gate, up = fused(x).chunk(2, dim=-1)
-            return self.down(self.act(gate) * up)
+            gate_up = fused(x)
+            d_ff = gate_up.shape[-1] // 2
+            return self.down(self.act(gate_up[..., :d_ff]) * gate_up[..., d_ff:])
         return self.down(self.act(self.gate(x)) * self.up(x))

@@ -3,12 +3,13 @@
 Decoding one token reads every weight once; PyTorch's packed kernels stream int8 at about 60% of the
 rate float32 GEMV reaches and need bfloat16 activations. These read a layout repacked for streaming
 (blocks of 4 rows interleaved 16 bytes at a time, so a pass reads memory front to back, with software
-prefetch). int8 and the bfloat16 head compute in float32 on exactly converted weights: the result is
-"dequantise, then multiply" up to the order of float32 additions. int4 first rounds the activation
-to int8 per 32 inputs (`quantize_activations`, llama.cpp's Q8_0 treatment of activations), so that
-one VNNI instruction multiplies 64 codes: the result is "dequantise, then multiply" applied to the
-rounded activation (relative error per element ≤ 1/254 of its block's largest magnitude, the order
-of PyTorch's bfloat16 activations).
+prefetch). int8 and int4 first round the activation to int8 per 32 inputs (`quantize_activations`,
+llama.cpp's Q8_0 treatment of activations), so that one VNNI instruction multiplies 64 codes: the
+result is "dequantise, then multiply" applied to the rounded activation (relative error per element
+≤ 1/254 of its block's largest magnitude, the order of PyTorch's bfloat16 activations). Widening
+each int8 weight to float32 instead (exact) cost three instructions per 16 weights and left one core
+at about 70% of the rate it reads memory. The bfloat16 head computes in float32 on exactly widened
+weights: "dequantise, then multiply" up to the order of float32 additions.
 
 `pack_int8` / `pack_int4` build that layout from a `QuantLinear`'s buffers (the on-disk format is
 unchanged); `int8_matmul` / `int4_matmul` run it. `available()` is False when the library cannot be
@@ -35,7 +36,7 @@ PARALLEL_MIN_WEIGHTS = 1 << 18
 
 @dataclass(frozen=True)
 class PackedInt8:
-    weight: torch.Tensor  # int8, blocks of ROWS rows interleaved by 16 inputs
+    weight: torch.Tensor  # uint8 q + 128, blocks of ROWS rows interleaved by 16 inputs (padded to 32)
     scale: torch.Tensor  # (N,) float32
     out_features: int
     in_features: int
@@ -70,9 +71,10 @@ def _interleave(rows: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> PackedInt8:
-    """Our int8 (N, K) codes and per-row scales in the kernel's layout (inputs zero-padded to 16)."""
+    """Our int8 (N, K) codes and per-row scales in the kernel's layout: codes zero-padded to a
+    multiple of 32 inputs, stored as q + 128 (the sign bit flipped) for VNNI's unsigned operand."""
     n, k = qweight.shape
-    w = F.pad(qweight.view(torch.uint8), (0, -k % 16)).view(torch.int8)
+    w = F.pad(qweight.view(torch.uint8), (0, -k % 32)) ^ 0x80
     return PackedInt8(_interleave(w, 16), scales.float().contiguous(), n, k)
 
 
@@ -105,13 +107,19 @@ def _call_args(
     x: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None
 ) -> tuple[ctypes.CDLL, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What every product passes the library: it, x as contiguous float32 rows (M, K), the float32
-    output (M, N) to fill, and the bias as contiguous float32 (held by the caller across the call, so
-    the pointer it passes stays valid)."""
+    output (..., N) to fill (x's leading shape, so no reshape afterwards), and the bias as contiguous
+    float32 (held by the caller across the call, so the pointer it passes stays valid). A decode step
+    makes about four of these calls per layer, so the common case (float32, contiguous) does no
+    conversion at all."""
     lib = load()
     assert lib is not None, "the kernels are not available here — check kernels.available() first"
-    rows = x.reshape(-1, in_features).to(torch.float32).contiguous()
-    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-    return lib, rows, y, None if bias is None else bias.float().contiguous()
+    rows = x.reshape(-1, in_features)
+    if rows.dtype != torch.float32 or not rows.is_contiguous():
+        rows = rows.to(torch.float32).contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    return lib, rows, y, bias
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -119,13 +127,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def int8_matmul(x: torch.Tensor, p: PackedInt8, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
+    """quantize_activations(x) (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
     lib, rows, y, b = _call_args(x, p.in_features, p.out_features, bias)
-    lib.lm_int8_gemm(
+    lib.lm_int8q8_gemm(
         rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), p.scale.data_ptr(), _ptr(b),
         y.data_ptr(), p.out_features, _threads(p.out_features, p.in_features),
     )  # fmt: skip
-    return y.reshape(*x.shape[:-1], p.out_features)
+    return y
 
 
 def bf16_matmul(x: torch.Tensor, p: PackedBF16, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,16 +143,19 @@ def bf16_matmul(x: torch.Tensor, p: PackedBF16, bias: torch.Tensor | None = None
         rows.data_ptr(), rows.shape[0], p.in_features, p.weight.data_ptr(), _ptr(b), y.data_ptr(),
         p.out_features, _threads(p.out_features, p.in_features),
     )  # fmt: skip
-    return y.reshape(*x.shape[:-1], p.out_features)
+    return y
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """The activations int4_matmul multiplies by: x rounded to int8 per 32 inputs (step amax/127),
-    as float32 values (the same operations as the kernel, so the same values)."""
-    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    """The activations int8_matmul and int4_matmul multiply by: x rounded to int8 per 32 inputs
+    (step amax/127; a last partial block as if zero-padded), as float32 values (the same operations
+    as the kernel, so the same values)."""
+    k = x.shape[-1]
+    blocks = F.pad(x.float(), (0, -k % 32)).reshape(*x.shape[:-1], -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
+    rounded = (torch.round(blocks * inv) * (amax / 127)).reshape(*x.shape[:-1], -1)
+    return rounded[..., :k]
 
 
 def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,4 +167,4 @@ def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None
         rows.data_ptr(), m, k, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(), p.offset.data_ptr(),
         _ptr(b), y.data_ptr(), p.out_features, scratch.data_ptr(), _threads(p.out_features, p.in_features),
     )  # fmt: skip
-    return y.reshape(*x.shape[:-1], p.out_features)
+    return y

@@ -11,13 +11,14 @@
    next activation row when M > 1. Blocks are stored interleaved, so a pass reads memory front to
    back.
 
-   int8 and bf16 widen each weight exactly to float32 and multiply-add in float32: the result
-   differs from "dequantise, then multiply" only by the order of float32 additions. int4 rounds the
-   activation to int8 first (see below), as llama.cpp does, because widening 4-bit codes to float
-   costs more instructions than memory gives time for. */
+   bf16 widens each weight exactly to float32 and multiply-adds in float32: the result differs from
+   "dequantise, then multiply" only by the order of float32 additions. int8 and int4 round the
+   activation to int8 per 32 inputs first (see below), as llama.cpp does, because widening 8- or
+   4-bit codes to float costs more instructions than memory gives time for. */
 #include <stddef.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -37,7 +38,7 @@
 #define PREFETCH 2048
 #endif
 
-int lm_kernel_abi(void) { return 2; }
+int lm_kernel_abi(void) { return 3; }
 
 int lm_kernel_simd(void) {
 #ifdef LM_AVX512
@@ -48,47 +49,73 @@ int lm_kernel_simd(void) {
 }
 
 /* ---- int8 ------------------------------------------------------------------------------------ */
-/* w: blocks of ROWS rows, each block stored as K16 / 16 steps of ROWS x 16 bytes (row r's inputs
-   k..k+15 at step k / 16, slot r), zero-padded to K16 = K rounded up to 16 and to whole blocks: one
-   decode pass reads the matrix strictly front to back, one cache line per step. */
-static void int8_block(const float *x, long K, const int8_t *w, float *out) {
-    long K16 = (K + 15) & ~15L;
+/* w: blocks of ROWS rows, each block stored as K32 / 16 steps of ROWS x 16 bytes (row r's inputs
+   k..k+15 at step k / 16, slot r), zero-padded to K32 = K rounded up to 32 and to whole blocks: one
+   decode pass reads the matrix strictly front to back, one cache line per step. Each byte holds
+   q + 128 (the code with its sign bit flipped), an unsigned byte for VNNI.
+
+   As for int4 below (and llama.cpp's Q8_0 x Q8_0 product), the activation is first rounded to int8
+   per 32 inputs: one vpdpbusd then multiplies 64 weights, where widening each int8 weight to float
+   costs three instructions per 16 and left one core short of the memory rate. The unsigned bias of
+   the codes is taken out exactly in int32: sum (q + 128) xq = sum q xq + 128 sum xq. The result is
+   exactly sum_k q[n, k] · d · xq[k] per block, then scaled, up to float32 rounding. */
+static void int8q8_block(const int8_t *xq, const float *d, const int32_t *xsum, long K32, const uint8_t *w,
+                         float *out) {
 #ifdef LM_AVX512
-    __m512 acc[ROWS];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
-    for (long k = 0; k < K16; k += 16) {
-        __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        __m512 xv = _mm512_maskz_loadu_ps(mask, x + k);
-        const int8_t *step = w + k * ROWS;
+    __m512 acc = _mm512_setzero_ps();  /* lane j: row j / 4 */
+    for (long k = 0; k < K32; k += 32) {
+        const uint8_t *step = w + k * ROWS;
         _mm_prefetch((const char *)step + PREFETCH, PF_HINT);
-        for (int r = 0; r < ROWS; r++) {
-            __m128i b = _mm_loadu_si128((const __m128i *)(step + 16 * r));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[r]);
-        }
+        _mm_prefetch((const char *)step + PREFETCH + 64, PF_HINT);
+        __m512i w0 = _mm512_loadu_si512((const void *)step), w1 = _mm512_loadu_si512((const void *)(step + 64));
+        __m512i x0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + k)));
+        __m512i x1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + k + 16)));
+        /* each row's first int32 lane starts at -128 sum xq, which removes the codes' bias */
+        __m512i s = _mm512_maskz_set1_epi32((__mmask16)0x1111, -128 * xsum[k / 32]);
+        s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, w0, x0), w1, x1);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d[k / 32]), acc);
     }
-    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    float lanes[16];
+    _mm512_storeu_ps(lanes, acc);
+    for (int r = 0; r < ROWS; r++) out[r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]);
 #else
     for (int r = 0; r < ROWS; r++) {
         float s = 0.0f;
-        for (long k = 0; k < K; k++) s += x[k] * (float)w[(k / 16) * 16 * ROWS + 16 * r + k % 16];
+        for (long k = 0; k < K32; k += 32) {
+            int32_t dot = 0;
+            for (int j = 0; j < 32; j++) {
+                long i = k + j;
+                dot += ((int32_t)w[(i / 16) * 16 * ROWS + 16 * r + i % 16] - 128) * xq[i];
+            }
+            s += (float)dot * d[k / 32];
+        }
         out[r] = s;
     }
 #endif
 }
 
-void lm_int8_gemm(const float *x, long M, long K, const int8_t *w, const float *scale, const float *bias,
-                  float *y, long N, int threads) {
-    long blocks = (N + ROWS - 1) / ROWS, block_bytes = ((K + 15) & ~15L) * ROWS;
+static void quantize_q8(const float *x, long K, long K32, int8_t *xq, float *d, int32_t *xsum);
+
+void lm_int8q8_gemm(const float *x, long M, long K, const uint8_t *w, const float *scale, const float *bias,
+                    float *y, long N, int threads) {
+    long K32 = (K + 31) & ~31L, blocks = (N + ROWS - 1) / ROWS;
+    int8_t *xq = malloc((size_t)(M * K32));
+    float *d = malloc(sizeof(float) * (size_t)(M * K32 / 32));
+    int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(M * K32 / 32));
+    for (long m = 0; m < M; m++) quantize_q8(x + m * K, K, K32, xq + m * K32, d + m * K32 / 32, xsum + m * K32 / 32);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (long b = 0; b < blocks; b++) {
         long n0 = b * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
         float out[ROWS];
         for (long m = 0; m < M; m++) {
-            int8_block(x + m * K, K, w + b * block_bytes, out);
+            int8q8_block(xq + m * K32, d + m * K32 / 32, xsum + m * K32 / 32, K32, w + b * K32 * ROWS, out);
             for (long r = 0; r < rows; r++)
                 y[m * N + n0 + r] = out[r] * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
         }
     }
+    free(xq);
+    free(d);
+    free(xsum);
 }
 
 /* ---- bfloat16 -------------------------------------------------------------------------------- */
@@ -148,16 +175,23 @@ void lm_bf16_gemm(const float *x, long M, long K, const uint16_t *w, const float
    activations whole: one VNNI instruction (vpdpbusd) does 64 of them, where widening every code to
    float costs ~7 instructions per 32. The result is exactly sum_k w[n, k] · d · xq[k] up to float32
    rounding. */
-static void quantize_q8(const float *x, long K, int8_t *xq, float *d) {
-    for (long b = 0; b < K / 32; b++) {
+/* x (K values, zero-padded to K32) rounded to int8 per 32 inputs; d: the steps, xsum: sum of xq per 32 */
+static void quantize_q8(const float *x, long K, long K32, int8_t *xq, float *d, int32_t *xsum) {
+    for (long b = 0; b < K32 / 32; b++) {
+        long n = K - 32 * b < 32 ? K - 32 * b : 32;
         float amax = 0.0f;
-        for (int j = 0; j < 32; j++) {
+        for (long j = 0; j < n; j++) {
             float a = x[32 * b + j] < 0 ? -x[32 * b + j] : x[32 * b + j];
             amax = a > amax ? a : amax;
         }
         float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
         d[b] = amax / 127.0f;
-        for (int j = 0; j < 32; j++) xq[32 * b + j] = (int8_t)lrintf(x[32 * b + j] * inv);
+        for (long j = 0; j < 32; j++) {
+            xq[32 * b + j] = j < n ? (int8_t)lrintf(x[32 * b + j] * inv) : 0;
+            sum += xq[32 * b + j];
+        }
+        xsum[b] = sum;
     }
 }
 
@@ -214,8 +248,9 @@ void lm_int4q8_gemm(const float *x, long M, long K, long group, const uint8_t *w
     long G = K / group, blocks = (N + ROWS - 1) / ROWS;
     int8_t *xq = (int8_t *)scratch;
     float *d = (float *)(xq + ((M * K + 63) & ~63L)), *xsum = d + M * (K / 32);
+    int32_t *isums = malloc(sizeof(int32_t) * (size_t)(K / 32));
     for (long m = 0; m < M; m++) {
-        quantize_q8(x + m * K, K, xq + m * K, d + m * (K / 32));
+        quantize_q8(x + m * K, K, K, xq + m * K, d + m * (K / 32), isums);
         for (long g = 0; g < G; g++) {
             float s = 0.0f;
             for (long b = g * group / 32; b < (g + 1) * group / 32; b++) {
@@ -226,6 +261,7 @@ void lm_int4q8_gemm(const float *x, long M, long K, long group, const uint8_t *w
             xsum[m * G + g] = s;
         }
     }
+    free(isums);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (long b = 0; b < blocks; b++) {
         long n0 = b * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
