@@ -307,15 +307,14 @@ def profile_decode(config: ModelConfig, threads: int) -> None:
 # 256), so llama.cpp's Q4_K_M export holds real Q4_K/Q6_K super-blocks, not their fallbacks; trained once
 # on the first 90% of tinyshakespeare and cached by its recipe.
 PPL_MODEL = dict(family="llama", d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=1536, max_seq_len=256)
-# steps x batch x seq = 143k tokens, a third of a pass over the 385k training tokens (what 2 shared cores
-# train in ~30 minutes); bf16 autocast (fp32 master weights and optimizer state): this CPU multiplies bf16 on
-# its AMX units
-PPL_RECIPE = dict(steps=140, lr=2e-3, batch=4, seq=256, autocast="bfloat16")
+# steps x batch x seq = 2.0M tokens, about 5 passes over the 385k training tokens (~15 minutes on 2 idle
+# cores); bf16 autocast (fp32 master weights and optimizer state): this CPU multiplies bf16 on its AMX units
+PPL_RECIPE = dict(steps=500, lr=1e-3, batch=16, seq=256, autocast="bfloat16")
 
 
 def shakespeare_target(quick: bool):
     """The perplexity model, its text's token ids, its name and its tokenizer: trained here once with
-    bench/infer.py's `train_plain` (~30 minutes on 2 cores) and cached in bench/.cache/."""
+    bench/infer.py's `train_plain` (~15 minutes on 2 cores) and cached in bench/.cache/."""
     tok_dir = CACHE / "shakespeare-tokenizer"
     if not (tok_dir / "lmstack_tokenizer.json").exists():
         log("training the shakespeare tokenizer (once)")
@@ -325,7 +324,7 @@ def shakespeare_target(quick: bool):
     recipe = json.dumps([PPL_MODEL, PPL_RECIPE, tok.content_hash], sort_keys=True)
     folder = CACHE / f"compress-shakespeare-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
     if not (folder / "config.json").exists():
-        log(f"training the perplexity model (once, ~30 minutes on 2 cores; cached in {folder})")
+        log(f"training the perplexity model (once, ~15 minutes on 2 cores; cached in {folder})")
         threads = torch.get_num_threads()
         torch.set_num_threads(2)
         config = ModelConfig(vocab_size=tok.vocab_size, eos_id=tok.eos_id, **PPL_MODEL)
