@@ -463,7 +463,9 @@ def swap(
     (a lookup reads one row, so its bytes do not matter), the logits come from the quantized copy —
     what llama.cpp's Q8_0/Q4_0 files do with a tied `token_embd`, and on a small model with a large
     vocabulary the head is the largest matrix a decode step reads. The checkpoint then holds both.
-    `head_scheme` quantizes the head differently from the blocks (default: `scheme`). Every module is checked before any is replaced, so a refused call leaves the model as it was."""
+    `head_scheme` quantizes the head differently from the blocks (default: `scheme`).
+
+    Every module is checked before any is replaced, so a refused call leaves the model as it was."""
     if is_quantized(model):
         method = next(m.scheme.method for m in model.modules() if isinstance(m, QuantLinear))
         raise InputError(f"the model is already quantized ({method}) — quantize its float checkpoint instead")

@@ -247,7 +247,7 @@ class AdamW8bit(torch.optim.Optimizer):
         consts = [beta1, 1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), eps, 1 - lr * wd]
         consts += [-lr / (1 - beta1**t), 1.0 if wd else 0.0]
         scalars = torch.tensor(consts, dtype=torch.float32)  # each double rounded once, as PyTorch does
-        tables = [t.data_ptr() for t in (*self._tables(True), *self._tables(False))]
+        tables = [table.data_ptr() for table in (*self._tables(True), *self._tables(False))]
         lib.lm_adamw8bit_step(
             p.data_ptr(), p.grad.data_ptr(), state["exp_avg_codes"].data_ptr(), state["exp_avg_absmax"].data_ptr(),
             state["exp_avg_sq_codes"].data_ptr(), state["exp_avg_sq_absmax"].data_ptr(), p.numel(),
