@@ -74,6 +74,7 @@ def test_int8_equals_dequantize_then_matmul(shape, rows):
 @pytest.mark.parametrize("rows", [1, 2, 8])
 def test_int4_equals_dequantize_then_matmul(group_size, shape, rows):
     t = int4_quantize(_weight(*shape, seed=shape[0]), group_size)
+    assert torch.equal(t.scale.to(torch.bfloat16).float(), t.scale)  # kept exactly in 2 bytes
     x = _x(rows, shape[1])
     packed = kernels.pack_int4(t.packed, t.scale, t.zero, group_size)
     _check(kernels.int4_matmul(x, packed), kernels.quantize_activations(x), int4_dequantize(t))
@@ -117,7 +118,7 @@ def test_unaligned_pointers(offset):
     _check(kernels.int8_matmul(x_off, p8), kernels.quantize_activations(x), int8_dequantize(t8))
     t4 = int4_quantize(w, 32)
     p4 = kernels.pack_int4(t4.packed, t4.scale, t4.zero, 32)
-    p4 = dataclasses.replace(p4, weight=_unaligned(p4.weight, offset), offset=_unaligned(p4.offset, 4))
+    p4 = dataclasses.replace(p4, weight=_unaligned(p4.weight, offset), zero=_unaligned(p4.zero, offset))
     _check(kernels.int4_matmul(x_off, p4), kernels.quantize_activations(x), int4_dequantize(t4))
 
 
@@ -139,6 +140,39 @@ def test_thread_counts_give_identical_results(monkeypatch):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     _check(results[1][0], kernels.quantize_activations(x), int8_dequantize(t8))
     _check(results[1][1], kernels.quantize_activations(x), int4_dequantize(t4))
+
+
+@pytest.fixture
+def portable_kernels(monkeypatch):
+    """The same source built without AVX-512 (its plain C loops), in place of the vector build."""
+    if build._compiler() is None or not build.supported_cpu():
+        pytest.skip("no C compiler, or a CPU the vector build does not run on")
+    lib = build.load_source(build.SOURCE, ("-mno-avx512f",))
+    if lib is None:
+        pytest.skip("the portable build failed")
+    for name, argtypes in build.SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    assert lib.lm_kernel_simd() == 0 and lib.lm_kernel_abi() == build.ABI
+    monkeypatch.setattr(kernels, "load", lambda: lib)
+    return lib
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_portable_build_equals_dequantize_then_matmul(portable_kernels, group_size):
+    """The plain C fallback of each kernel reads the same layouts: the same checks as the vector
+    build's (groups per row not a multiple of 4 included: 384 / 128 = 3)."""
+    w, x, bias = _weight(37, 384, seed=8), _x(3, 384), torch.randn(37)
+    t4 = int4_quantize(w, group_size)
+    y4 = kernels.int4_matmul(x, kernels.pack_int4(t4.packed, t4.scale, t4.zero, group_size), bias)
+    _check(y4, kernels.quantize_activations(x), int4_dequantize(t4), bias)
+    t8 = int8_quantize(w)
+    _check(
+        kernels.int8_matmul(x, kernels.pack_int8(t8.q, t8.scale)),
+        kernels.quantize_activations(x),
+        int8_dequantize(t8),
+    )
+    _check(kernels.bf16_matmul(x, kernels.pack_bf16(w)), x, w.to(torch.bfloat16).float())
 
 
 # ---- QuantLinear: which path runs ---------------------------------------------------------------
@@ -193,6 +227,7 @@ def test_disabled_kernels_fall_back_to_pytorch(monkeypatch, fresh_load, method, 
 def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, fresh_load, tmp_path):
     if not build.supported_cpu():
         pytest.skip("no AVX-512 VNNI here: the kernels are never built")
+    monkeypatch.delenv("LMSTACK_KERNELS", raising=False)  # the suite may run with the kernels off
     monkeypatch.setenv("LMSTACK_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with pytest.warns(RuntimeWarning, match="building the quantized CPU kernels failed"):

@@ -45,8 +45,8 @@ class PackedInt8:
 @dataclass(frozen=True)
 class PackedInt4:
     weight: torch.Tensor  # uint8, blocks of ROWS rows interleaved by 32 inputs (16 bytes)
-    scale: torch.Tensor  # float32 per (block, group, row)
-    offset: torch.Tensor  # float32 per (block, group, row): −zero·scale
+    scale: torch.Tensor  # bfloat16 per (block, group / 4, row, group % 4), groups padded to 4
+    zero: torch.Tensor  # uint8, as the scales
     out_features: int
     in_features: int
     group_size: int
@@ -87,16 +87,18 @@ def pack_bf16(weight: torch.Tensor) -> PackedBF16:
 
 def pack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> PackedInt4:
     """Our int4 (codes two a byte, even input low; w = (q − z)·s per group) in the kernel's layout:
-    per 32 inputs, byte j holds input j (low nibble) and input j + 16 (high), and w = q·s + offset
-    with offset = −z·s in float32; scale and offset stored (block, group, row)."""
+    per 32 inputs, byte j holds input j (low nibble) and input j + 16 (high); scales in bfloat16 and
+    zeros stored (block, group / 4, row, group % 4), groups zero-padded to a multiple of 4, so the
+    kernel reads four groups of a block's four rows as one vector. `int4_quantize`'s scales are
+    bfloat16 values, kept exactly; other float32 scales are rounded to nearest (relative change
+    ≤ 2^-9, as PyTorch's own int4 kernels round them)."""
     n = packed.shape[0]
     codes = int4_unpack(packed).reshape(n, -1, 2, SUBBLOCK // 2)
     nibbles = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n, -1)
-    s = scales.float()
-    weight = _interleave(nibbles, SUBBLOCK // 2)
-    return PackedInt4(
-        weight, _interleave(s, 1), _interleave(-zeros.float() * s, 1), n, 2 * nibbles.shape[1], group_size
-    )
+    pad = (0, -scales.shape[1] % 4)
+    scale = _interleave(F.pad(scales.to(torch.bfloat16), pad), 4)
+    zero = _interleave(F.pad(zeros.to(torch.uint8), pad), 4)
+    return PackedInt4(_interleave(nibbles, SUBBLOCK // 2), scale, zero, n, 2 * nibbles.shape[1], group_size)
 
 
 def _threads(out_features: int, in_features: int) -> int:
@@ -161,10 +163,8 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
     """quantize_activations(x) (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
     lib, rows, y, b = _call_args(x, p.in_features, p.out_features, bias)
-    m, k = rows.shape
-    scratch = torch.empty(-(-m * k // 64) * 16 + m * (k // 32 + k // p.group_size), dtype=torch.float32)
     lib.lm_int4q8_gemm(
-        rows.data_ptr(), m, k, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(), p.offset.data_ptr(),
-        _ptr(b), y.data_ptr(), p.out_features, scratch.data_ptr(), _threads(p.out_features, p.in_features),
+        rows.data_ptr(), rows.shape[0], p.in_features, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(),
+        p.zero.data_ptr(), _ptr(b), y.data_ptr(), p.out_features, _threads(p.out_features, p.in_features),
     )  # fmt: skip
     return y
