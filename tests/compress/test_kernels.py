@@ -361,3 +361,124 @@ def test_fused_products_equal_the_separate_ones(method, group_size):
     assert attn.fused_qkv.serves(attn.q, attn.k, attn.v)
     attn.k = nn.Identity()
     assert not attn.fused_qkv.serves(attn.q, attn.k, attn.v)
+
+
+# ---- the integer weights resident once ----------------------------------------------------------
+def _storages(obj, seen: dict[int, int], depth: int = 0) -> None:
+    """Every tensor storage reachable from `obj` (modules, their attributes, packed copies), by address."""
+    if depth > 12:
+        return
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    elif isinstance(obj, nn.Module):
+        for value in obj.__dict__.values():
+            _storages(value, seen, depth + 1)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _storages(value, seen, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _storages(value, seen, depth + 1)
+    elif dataclasses.is_dataclass(obj) or isinstance(obj, FusedQuant):
+        _storages(vars(obj), seen, depth + 1)
+
+
+def _quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the quantized layers' tensors as saved, bytes reachable from those layers and the
+    fused products), the latter without the float parts (bias)."""
+    saved = sum(
+        t.numel() * t.element_size()
+        for name, t in model.state_dict().items()
+        if name.rsplit(".", 1)[-1] in ("qweight", "scales", "zeros")
+    )
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            _storages({k: v for k, v in vars(module).items() if k != "_parameters"}, seen)
+        for value in vars(module).values():
+            if isinstance(value, FusedQuant) and value._packed is not None:
+                _storages(value._packed[1], seen)
+    return saved, sum(seen.values())
+
+
+@needs_kernels
+@pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32), ("int4", 128)])
+def test_decoding_keeps_the_integer_weights_once(tmp_path, method, group_size):
+    """After decoding, a quantized layer's integers live in our kernel's copy only (the fused q,k,v and
+    gate,up stacks holding the modules' copies as views): what its layers reach is the saved bytes
+    plus padding, not twice them. The saved tensors come back exactly: the state dict, a save, the
+    dequantised matrix, and attribute access are as before decoding."""
+    from lmstack.interop.hf import from_pretrained, save_pretrained
+
+    # widths with a multiple of 4 groups of 128, so the kernel's scales need no padding
+    config = ModelConfig(family="llama", vocab_size=256, d_model=512, n_layers=2, n_heads=4, n_kv_heads=2,
+                         d_ff=1024, max_seq_len=64, qkv_bias=True)  # fmt: skip
+    model = quantize(build_model(config, seed=0).eval(), method, group_size=group_size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dequantized = {n: m.dequantize() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    saved, resident = _quantized_bytes(model)
+    assert resident == saved  # nothing packed yet
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        ours = generate(model, prompt, max_new_tokens=5, stop_ids=())
+        logits = model(prompt)
+    saved_after, resident = _quantized_bytes(model)
+    assert saved_after == saved
+    assert resident <= 1.05 * saved, (resident, saved)  # was ~2x: buffers + packed copy + stacks
+    for block in model.blocks:
+        assert "qweight" not in block.attn.o._buffers and block.attn.fused_qkv._packed is not None
+        stack = block.attn.fused_qkv._packed[1].weight
+        for m in (block.attn.q, block.attn.k, block.attn.v):  # views into the stack
+            assert m._own.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(m.dequantize(), dequantized[n])
+    save_pretrained(model, tmp_path / "q")
+    loaded = from_pretrained(tmp_path / "q", dtype=torch.float32)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        assert generate(loaded, prompt, max_new_tokens=5, stop_ids=()) == ours
+        assert torch.equal(loaded(prompt), logits)
+        # an access from outside puts a layer's buffers back, exactly; the next call lets them go again
+        o = model.blocks[0].attn.o
+        assert torch.equal(o.qweight, before["blocks.0.attn.o.qweight"]) and "qweight" in o._buffers
+        assert torch.equal(model(prompt), logits) and "qweight" not in o._buffers
+
+
+@needs_kernels
+def test_released_weights_follow_writes_moves_and_loads():
+    q = _quant_linear("int4", 64)
+    x = _x(2, 256)
+    with torch.no_grad():
+        y = q(x)
+        assert q._released  # the kernel's copy is the only one
+        q.scales.mul_(2)  # put back, then written in place: the next call repacks
+        assert torch.allclose(q(x) - q.bias, 2 * (y - q.bias), rtol=1e-5, atol=1e-5)
+        state = {k: v.clone() for k, v in q.state_dict().items()}
+        q(x)
+        fresh = _quant_linear("int4", 64)
+        fresh.load_state_dict(state)
+        assert torch.equal(fresh(x), q(x))
+        # a move to another dtype starts from the exact buffers
+        half = q.to(torch.bfloat16)
+        assert half.scales.dtype == torch.bfloat16 and torch.equal(half.qweight, state["qweight"])
+        assert torch.equal(half(x.bfloat16()), fresh.to(torch.bfloat16)(x.bfloat16()))
+
+
+@needs_kernels
+def test_scales_the_kernel_would_round_stay_held():
+    """A checkpoint whose int4 scales are not bfloat16 values (an older quantizer): the kernel
+    multiplies by them rounded, and the exact ones stay held; the codes and zeros are let go."""
+    q = _quant_linear("int4", 32)
+    with torch.no_grad():
+        q.scales.mul_(1 + 2**-12)
+        exact = q.scales.clone()
+        q(_x(1, 256))
+    assert set(q._released) == {"qweight", "zeros"} and torch.equal(q._buffers["scales"], exact)
+    assert torch.equal(q.state_dict()["scales"], exact)

@@ -12,13 +12,15 @@ at about 70% of the rate it reads memory. The bfloat16 head computes in float32 
 weights: "dequantise, then multiply" up to the order of float32 additions.
 
 `pack_int8` / `pack_int4` build that layout from a `QuantLinear`'s buffers (the on-disk format is
-unchanged); `int8_matmul` / `int4_matmul` run it. `available()` is False when the library cannot be
+unchanged) and `unpack_int8` / `unpack_int4` give them back exactly, so a module can hold its weights
+in one form only; `int8_matmul` / `int4_matmul` run it. `available()` is False when the library cannot be
 built here (see `build.load`); callers then use PyTorch's kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -70,12 +72,24 @@ def _interleave(rows: torch.Tensor, step: int) -> torch.Tensor:
     return rows.reshape(-1, ROWS, c // step, step).transpose(1, 2).contiguous().reshape(-1)
 
 
+def _deinterleave(flat: torch.Tensor, n: int, c: int, step: int) -> torch.Tensor:
+    """The inverse of `_interleave`: flat blocks -> (n, c)."""
+    return flat.reshape(-1, c // step, ROWS, step).transpose(1, 2).reshape(-1, c)[:n]
+
+
 def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> PackedInt8:
     """Our int8 (N, K) codes and per-row scales in the kernel's layout: codes zero-padded to a
     multiple of 32 inputs, stored as q + 128 (the sign bit flipped) for VNNI's unsigned operand."""
     n, k = qweight.shape
     w = F.pad(qweight.view(torch.uint8), (0, -k % 32)) ^ 0x80
     return PackedInt8(_interleave(w, 16), scales.float().contiguous(), n, k)
+
+
+def unpack_int8(p: PackedInt8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N, K) int8 codes and float32 scales `pack_int8` was given, exactly."""
+    k32 = -(-p.in_features // 32) * 32
+    codes = _deinterleave(p.weight, p.out_features, k32, 16)[:, : p.in_features] ^ 0x80
+    return codes.contiguous().view(torch.int8), p.scale.clone()
 
 
 def pack_bf16(weight: torch.Tensor) -> PackedBF16:
@@ -99,6 +113,38 @@ def pack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     scale = _interleave(F.pad(scales.to(torch.bfloat16), pad), 4)
     zero = _interleave(F.pad(zeros.to(torch.uint8), pad), 4)
     return PackedInt4(_interleave(nibbles, SUBBLOCK // 2), scale, zero, n, 2 * nibbles.shape[1], group_size)
+
+
+def unpack_int4(p: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our int4 form back from the kernel's: codes two a byte (N, K/2) uint8, scales (N, K/g) as
+    float32 (exact where they were bfloat16 values, as `int4_quantize`'s are) and zeros (N, K/g)."""
+    n, k, groups = p.out_features, p.in_features, p.in_features // p.group_size
+    nibbles = _deinterleave(p.weight, n, k // 2, SUBBLOCK // 2).reshape(n, -1, SUBBLOCK // 2)
+    codes = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=2).reshape(n, k)  # input j, then j + 16
+    padded = -(-groups // 4) * 4
+    scale = _deinterleave(p.scale, n, padded, 4)[:, :groups].float()
+    zero = _deinterleave(p.zero, n, padded, 4)[:, :groups].contiguous()
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), scale, zero
+
+
+def concat(
+    packs: list[PackedInt8] | list[PackedInt4],
+) -> tuple[PackedInt8 | PackedInt4, list[PackedInt8 | PackedInt4]]:
+    """Packed matrices of one kind and input width stacked by rows (every one but the last a whole
+    number of ROWS-row blocks), and each input again as a view into the stack."""
+    assert all(p.out_features % ROWS == 0 for p in packs[:-1])
+    fields = ["weight", "scale"] + (["zero"] if isinstance(packs[0], PackedInt4) else [])
+    stacked = {f: torch.cat([getattr(p, f) for p in packs]) for f in fields}
+    whole = dataclasses.replace(packs[0], **stacked, out_features=sum(p.out_features for p in packs))
+    views, starts = [], dict.fromkeys(fields, 0)
+    for p in packs:
+        parts = {}
+        for f in fields:
+            n = getattr(p, f).numel()
+            parts[f] = stacked[f][starts[f] : starts[f] + n]
+            starts[f] += n
+        views.append(dataclasses.replace(p, **parts))
+    return whole, views
 
 
 def _threads(out_features: int, in_features: int) -> int:
