@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.compress import kernels
+from lmstack.compress import cuda, kernels
 from lmstack.errors import InputError
 from lmstack.model.attention import Attention
 from lmstack.model.mlp import MLP
@@ -53,7 +53,7 @@ from lmstack.quant import (
     nf4_dequantize,
     nf4_quantize,
 )
-from lmstack.quant.integer import INT4_GROUP_SIZES
+from lmstack.quant.integer import INT4_GROUP_SIZES, int4_unpack
 from lmstack.quant.nf4 import NF4_CODE, nf4_absmax
 
 QUANT_METHOD = "lmstack"  # the `quant_method` of config.json's quantization_config
@@ -68,6 +68,8 @@ _NF4_DOUBLE_BLOCK = 256
 # rows (tokens) up to which the float head multiplies by its bfloat16 copy; past a few rows the
 # float32 weight and PyTorch's tiled matmul win
 SMALL_BATCH = 8
+# devices whose int4 products go through PyTorch's packed int4 kernel (`compress.cuda`, self-checked)
+DEVICE_INT4 = ("cuda",)
 # byte -> its two NF4 values, high nibble first (the packing of lmstack.quant.nf4)
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)
 
@@ -133,6 +135,8 @@ class QuantLinear(nn.Module):
         self._own_stamp: tuple | None = None
         # buffers held only in `_own` (their names -> dtypes), rebuilt exactly when asked for
         self._released: dict[str, torch.dtype] = {}
+        # PyTorch's CUDA int4 layout: None until first use, False when its check failed
+        self._device_int4: cuda.DeviceInt4 | bool | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantLinear:
@@ -193,7 +197,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_own_kernel(x):
             return _own_matmul(x, self._own_weights(), self.bias)
+        if self._uses_device_int4(x) and (packed_int4 := self._device_int4_weights()) is not None:
+            y = cuda.int4_matmul(x, packed_int4)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         if not self._uses_packed_kernel(x):
+            if self.scheme.method == "int8" and x.is_floating_point():
+                return self._int8_scaled_output(x)
             return self.reference_forward(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         packed = self._packed_weights()
@@ -211,6 +220,33 @@ class QuantLinear(nn.Module):
             return False
         # PyTorch's int4 packing kernel tiles the output dimension by 16 (ours takes any width)
         return any_width or self.scheme.method == "int8" or self.out_features % 16 == 0
+
+    def _int8_scaled_output(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 on any device: (x @ qᵀ) · s, the scale applied to the output (one row of scales per
+        output channel commutes with the sum), so the only matrix written is q in x's dtype — not a
+        dequantised matrix and the product that makes it. Gradients flow to x."""
+        b = self._tensors()
+        y = F.linear(x, b["qweight"].to(x.dtype)) * b["scales"].to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _uses_device_int4(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type in DEVICE_INT4
+            and self.scheme.method == "int4"
+            and x.is_floating_point()
+            and not (torch.is_grad_enabled() and x.requires_grad)  # the kernel has no backward
+        )
+
+    def _device_int4_weights(self) -> cuda.DeviceInt4 | None:
+        """PyTorch's CUDA int4 layout, built and checked once per layer (None: the check failed)."""
+        if self._device_int4 is None:
+            b = self._tensors()
+            packed = cuda.checked_pack(
+                b["qweight"], b["scales"], b["zeros"], self.scheme.group_size,
+                lambda probe: F.linear(probe, self.dequantize(torch.float32)),
+            )  # fmt: skip
+            self._device_int4 = packed if packed is not None else False
+        return self._device_int4 or None
 
     def _uses_own_kernel(self, x: torch.Tensor) -> bool:
         return self._uses_packed_kernel(x, any_width=True) and kernels.available()
@@ -301,13 +337,13 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._restore()
-        self._packed = self._own = None  # a new device or dtype: repack from the buffers on next use
+        self._packed = self._own = self._device_int4 = None  # a new device or dtype: repack on next use
         self._generation += 1
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._restore()
-        self._packed = self._own = None
+        self._packed = self._own = self._device_int4 = None
         self._generation += 1
         super()._load_from_state_dict(*args, **kwargs)
 
@@ -458,17 +494,11 @@ def int4_to_cpu_kernel_layout(
     packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Our asymmetric int4 (codes q in [0, 15], w = (q − z)·s) in the layout of PyTorch's CPU kernel,
-    which computes w = (q − 8)·s + m with a float offset m per group:
-    (q − z)·s = (q − 8)·s + (8 − z)·s, so m = (8 − z)·s — exact in float32, rounded once to bfloat16.
+    which computes w = (q − 8)·s + m with a float offset m per group (`cuda.int4_scales_and_zeros`).
     Returns the kernel's packed weight and scales_and_zeros (in/g, out, 2) in bfloat16."""
-    from lmstack.quant.integer import int4_unpack
-
     codes = int4_unpack(packed).to(torch.int32)  # (out, in)
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-    s = scales.float()
-    offset = (8 - zeros.float()) * s
-    scales_and_zeros = torch.stack([s.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
-    return weight, scales_and_zeros
+    return weight, cuda.int4_scales_and_zeros(scales, zeros)
 
 
 def _buffer_specs(
