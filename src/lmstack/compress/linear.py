@@ -412,7 +412,7 @@ class FusedQuant:
         if not self.modules[0]._uses_own_kernel(x):
             return torch.cat([m(x) for m in self.modules], dim=-1)
         packs = [m._own_weights() for m in self.modules]
-        key = tuple(m._stamp() for m in self.modules)
+        key = tuple(m._own_stamp for m in self.modules)  # each module's stamp, just checked
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, *self._stack(packs))
         return _own_matmul(x, self._packed[1], self._packed[2])
