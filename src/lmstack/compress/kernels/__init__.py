@@ -1,4 +1,4 @@
-"""Our CPU kernels for batch-1 (small-M) products with int8 and int4 weights (`qgemv.c`).
+"""Our CPU kernels for products with int8 and int4 weights (`qgemv.c`), built for batch-1 decoding.
 
 Decoding one token reads every weight once; PyTorch's packed kernels stream int8 at about 60% of the
 rate float32 GEMV reaches and need bfloat16 activations. These read a layout repacked for streaming
