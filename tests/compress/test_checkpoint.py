@@ -134,17 +134,25 @@ def test_foreign_quantization_config_is_refused(tmp_path):
 
 
 def test_generate_on_a_loaded_quantized_folder(tmp_path, tokenizer):
-    """Greedy generation with the KV cache equals greedy decoding by full recomputation, on the
-    quantized model `load_model_and_tokenizer` returns."""
+    """Greedy generation with the KV cache agrees with full recomputation, on the quantized model
+    `load_model_and_tokenizer` returns. The two paths multiply differently (a cached step's few rows
+    through our kernels, which round activations to int8 per 32 inputs; a long recomputation through
+    PyTorch's, which round them to bfloat16), so each generated token must be the recomputation's
+    top-1 or a near tie: within 5% of the largest |logit| of it (the kernels' error on such
+    large-weight models is ~4%, see test_kernels), recomputed on the generated prefix."""
     save_pretrained(quantize(_model(LLAMA), "int4", group_size=32), tmp_path / "q", tokenizer=tokenizer)
     model, tok = load_model_and_tokenizer(tmp_path / "q")
     prompt = tok.encode_ordinary("To be, or not")
     new = generate(model, [prompt], max_new_tokens=10, stop_ids=())[0]
-    ids = list(prompt)
+    assert len(new) == 10
+    ties = 0
     with torch.no_grad():
-        for _ in range(10):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert new == ids[len(prompt) :]
+        for i, token in enumerate(new):
+            logits = model(torch.tensor([prompt + new[:i]]))[0, -1]
+            top = int(logits.argmax())
+            assert logits[token] >= logits[top] - 5e-2 * logits.abs().max(), (i, token, top)
+            ties += token != top
+    assert ties <= 2  # a near tie is rare; most steps agree exactly
 
 
 def test_cli_quantize(tmp_path, tokenizer, capsys):

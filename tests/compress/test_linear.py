@@ -33,9 +33,9 @@ SCHEMES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
 
 @pytest.fixture(autouse=True)
 def pytorch_kernels(monkeypatch):
-    """These tests are about PyTorch's packed kernels and the reference path; our own kernels, which
-    take small batches first, are tested in test_kernels.py."""
-    monkeypatch.setattr("lmstack.compress.linear.SMALL_BATCH", 0)
+    """These tests are about PyTorch's packed kernels and the reference path, which run where our own
+    kernels cannot be built; ours are tested in test_kernels.py."""
+    monkeypatch.setattr("lmstack.compress.kernels.available", lambda: False)
 
 
 def _linear(in_features: int, out_features: int, bias: bool, seed: int = 0) -> nn.Linear:

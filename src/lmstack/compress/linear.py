@@ -9,16 +9,18 @@ A `QuantLinear` stores its matrix in one of three forms (buffers, saved as `<lin
 
 and computes `x @ Wᵀ + b`. Decoding one token is a matrix-vector product whose time is the time to
 read the weights, so fewer bytes per weight is the speedup — provided the matmul reads the integers
-directly instead of first writing a float copy. On CPU, a batch of up to `SMALL_BATCH` rows (decoding)
-runs through our own kernels (`lmstack.compress.kernels`, compiled on first use: a layout repacked for
-streaming; int8 in float32 arithmetic, int4 on int8-rounded activations as llama.cpp does), the
-projections that read one input fused (`FusedQuant`: q, k, v; gate, up), and the float head through
-a bfloat16 copy (`DecodeHead`). The repacked copies are built on first use and kept beside the
-buffers (the integer weights are resident twice while decoding). Larger batches (prefill), or a
-machine where our kernels cannot be built, use PyTorch's packed weight-only kernels
+directly instead of first writing a float copy. On CPU, products run through our own kernels
+(`lmstack.compress.kernels`, compiled on first use: a layout repacked for streaming; int8 and int4 on
+int8-rounded activations as llama.cpp does), the projections that read one input fused
+(`FusedQuant`: q, k, v; gate, up), and a decode-sized batch of the float head through a bfloat16 copy
+(`DecodeHead`). Our kernels take prefill too: on the machine this was measured on they beat
+PyTorch's packed kernels at every batch size tried (1.3-2x at 9 to 1024 rows). The repacked copy is
+built on first use and then is the only copy: the saved buffers are let go and rebuilt exactly from
+it when read (state dict, `dequantize`, attribute access), so a decoding model holds its integer
+weights once. Where our kernels cannot be built, PyTorch's packed weight-only kernels run
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, as gpt-fast does), with activations cast to
 bfloat16 around the call: those kernels are several times slower on float32 inputs. Everything else
-(NF4, CUDA, a shape PyTorch's int4 kernel refuses at prefill, a call that needs gradients with
+(NF4, CUDA, a shape PyTorch's int4 kernel refuses, a call that needs gradients with
 respect to x) dequantises the matrix and multiplies: correct everywhere, fast nowhere.
 
 The scheme is a property of the checkpoint, not of its file name: `quantization_config(model)` is
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.compress import kernels
+from lmstack.compress import cuda, kernels
 from lmstack.errors import InputError
 from lmstack.model.attention import Attention
 from lmstack.model.mlp import MLP
@@ -51,7 +53,7 @@ from lmstack.quant import (
     nf4_dequantize,
     nf4_quantize,
 )
-from lmstack.quant.integer import INT4_GROUP_SIZES
+from lmstack.quant.integer import INT4_GROUP_SIZES, int4_unpack
 from lmstack.quant.nf4 import NF4_CODE, nf4_absmax
 
 QUANT_METHOD = "lmstack"  # the `quant_method` of config.json's quantization_config
@@ -63,9 +65,11 @@ QUANT_TENSORS = ("qweight", "scales", "zeros", "absmax_scale", "absmax_offset")
 # the projections a quantizer targets; embeddings, norms, MoE routers and (by default) the head stay float
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 _NF4_DOUBLE_BLOCK = 256
-# rows (tokens) up to which our kernels run a product; they read the weights once per call and
-# redo the arithmetic per row, so past a few rows PyTorch's tiled kernels win
+# rows (tokens) up to which the float head multiplies by its bfloat16 copy; past a few rows the
+# float32 weight and PyTorch's tiled matmul win
 SMALL_BATCH = 8
+# devices whose int4 products go through PyTorch's packed int4 kernel (`compress.cuda`, self-checked)
+DEVICE_INT4 = ("cuda",)
 # byte -> its two NF4 values, high nibble first (the packing of lmstack.quant.nf4)
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)
 
@@ -129,6 +133,10 @@ class QuantLinear(nn.Module):
         self._own: kernels.PackedInt8 | kernels.PackedInt4 | None = None
         self._generation = 0  # bumped whenever the tensors are replaced (new device, dtype or state dict)
         self._own_stamp: tuple | None = None
+        # buffers held only in `_own` (their names -> dtypes), rebuilt exactly when asked for
+        self._released: dict[str, torch.dtype] = {}
+        # PyTorch's CUDA int4 layout: None until first use, False when its check failed
+        self._device_int4: cuda.DeviceInt4 | bool | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantLinear:
@@ -155,14 +163,16 @@ class QuantLinear(nn.Module):
     # ---- the reference: dequantise, then multiply ------------------------------------------------
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float matrix (out, in) this module stands for."""
-        dtype = dtype or (self.absmax_scale if self.scheme.method == "nf4" else self.scales).dtype
         shape = (self.out_features, self.in_features)
         s = self.scheme
-        if s.method == "int8":
-            return int8_dequantize(Int8Tensor(self.qweight, self.scales.float()), dtype)
-        if s.method == "int4":
-            t = Int4Tensor(self.qweight, self.scales.float(), self.zeros, s.group_size, shape)
+        if s.method in ("int8", "int4"):
+            b = self._tensors()  # read from the packed copy when that is the only one, without keeping it
+            dtype = dtype or b["scales"].dtype
+            if s.method == "int8":
+                return int8_dequantize(Int8Tensor(b["qweight"], b["scales"].float()), dtype)
+            t = Int4Tensor(b["qweight"], b["scales"].float(), b["zeros"], s.group_size, shape)
             return int4_dequantize(t, dtype)
+        dtype = dtype or self.absmax_scale.dtype
         t = NF4Tensor(
             self.qweight,
             self.scales,
@@ -187,7 +197,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_own_kernel(x):
             return _own_matmul(x, self._own_weights(), self.bias)
+        if self._uses_device_int4(x) and (packed_int4 := self._device_int4_weights()) is not None:
+            y = cuda.int4_matmul(x, packed_int4)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         if not self._uses_packed_kernel(x):
+            if self.scheme.method == "int8" and x.is_floating_point():
+                return self._int8_scaled_output(x)
             return self.reference_forward(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         packed = self._packed_weights()
@@ -206,19 +221,107 @@ class QuantLinear(nn.Module):
         # PyTorch's int4 packing kernel tiles the output dimension by 16 (ours takes any width)
         return any_width or self.scheme.method == "int8" or self.out_features % 16 == 0
 
-    def _uses_own_kernel(self, x: torch.Tensor) -> bool:
+    def _int8_scaled_output(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 on any device: (x @ qᵀ) · s, the scale applied to the output (one row of scales per
+        output channel commutes with the sum), so the only matrix written is q in x's dtype — not a
+        dequantised matrix and the product that makes it. Gradients flow to x."""
+        b = self._tensors()
+        y = F.linear(x, b["qweight"].to(x.dtype)) * b["scales"].to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _uses_device_int4(self, x: torch.Tensor) -> bool:
         return (
-            self._uses_packed_kernel(x, any_width=True)
-            and x.numel() <= SMALL_BATCH * self.in_features
-            and kernels.available()
+            x.device.type in DEVICE_INT4
+            and self.scheme.method == "int4"
+            and x.is_floating_point()
+            and not (torch.is_grad_enabled() and x.requires_grad)  # the kernel has no backward
         )
 
+    def _device_int4_weights(self) -> cuda.DeviceInt4 | None:
+        """PyTorch's CUDA int4 layout, built and checked once per layer (None: the check failed)."""
+        if self._device_int4 is None:
+            b = self._tensors()
+            packed = cuda.checked_pack(
+                b["qweight"], b["scales"], b["zeros"], self.scheme.group_size,
+                lambda probe: F.linear(probe, self.dequantize(torch.float32)),
+            )  # fmt: skip
+            self._device_int4 = packed if packed is not None else False
+        return self._device_int4 or None
+
+    def _uses_own_kernel(self, x: torch.Tensor) -> bool:
+        return self._uses_packed_kernel(x, any_width=True) and kernels.available()
+
     def _own_weights(self) -> kernels.PackedInt8 | kernels.PackedInt4:
-        stamp = self._stamp()  # repacked when the buffers change, as the fused products are
-        if self._own is None or self._own_stamp != stamp:
+        """Our kernel's copy, built on first use and rebuilt when the buffers change (as the fused
+        products are); then the buffers it reproduces exactly are let go (`_release`)."""
+        if self._own is None or self._own_stamp != self._stamp():
+            self._restore()
             self._own = _own_pack(self.scheme, self.qweight, self.scales, getattr(self, "zeros", None))
-            self._own_stamp = stamp
+            self._release()
+        elif not self._released:  # put back by an access from outside, unchanged since
+            self._release()
         return self._own
+
+    # ---- one copy of the integer weights -----------------------------------------------------------
+    # Once our kernel's copy exists the saved buffers are dropped and rebuilt from it on demand (it
+    # holds the same integers, interleaved): a decoding model keeps its weights once, not twice.
+    # Internal readers (`dequantize`, the state dict) rebuild them for the moment; an access from
+    # outside (`layer.qweight`, which may write to it) puts them back for good, and the next kernel
+    # call, seeing them, checks them (`_stamp`) and lets them go again.
+    def _release(self) -> None:
+        assert self._own is not None
+        names = ["qweight", "scales", "zeros"] if self.scheme.method == "int4" else ["qweight", "scales"]
+        if self.scheme.method == "int4":  # the kernel keeps scales as bfloat16: exact for int4_quantize's
+            scales = self._buffers["scales"]
+            if not torch.equal(scales.to(torch.bfloat16).to(scales.dtype), scales):
+                names.remove("scales")
+        for name in names:
+            self._released[name] = self._buffers.pop(name).dtype
+        self._own_stamp = self._stamp()
+
+    def _rebuilt(self) -> dict[str, torch.Tensor]:
+        """The released buffers, rebuilt exactly from our kernel's copy."""
+        assert self._own is not None
+        # new tensors, not inference tensors, even where the copy was packed under inference_mode:
+        # buffers must keep version counters (`_stamp`)
+        with torch.inference_mode(False):
+            if isinstance(self._own, kernels.PackedInt8):
+                values = dict(zip(("qweight", "scales"), kernels.unpack_int8(self._own)))
+            else:
+                values = dict(zip(("qweight", "scales", "zeros"), kernels.unpack_int4(self._own)))
+            return {name: values[name].to(dtype, copy=True) for name, dtype in self._released.items()}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every quantized tensor of the layer, by buffer name, without putting released ones back."""
+        return {**self._buffers, **(self._rebuilt() if self._released else {})}
+
+    def _restore(self) -> None:
+        if self._released:
+            rebuilt = self._rebuilt()
+            order = [n for n in QUANT_TENSORS if n in rebuilt or n in self._buffers]
+            held = {**self._buffers, **rebuilt}
+            self._buffers.clear()
+            self._buffers.update({n: held[n] for n in order})
+            self._released = {}
+            self._own_stamp = self._stamp()  # the copy still matches the buffers
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.__dict__.get("_released", ()):
+            self._restore()
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("_released", ()):
+            self._restore()
+        super().__setattr__(name, value)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._released:
+            rebuilt = self._rebuilt()
+            for name in QUANT_TENSORS:
+                if name in rebuilt:
+                    destination[prefix + name] = rebuilt[name]
 
     def _packed_weights(self) -> tuple[torch.Tensor, ...]:
         if self._packed is None:
@@ -233,12 +336,14 @@ class QuantLinear(nn.Module):
         return self._packed
 
     def _apply(self, fn, recurse: bool = True):
-        self._packed = self._own = None  # a new device or dtype: repack from the buffers on next use
+        self._restore()
+        self._packed = self._own = self._device_int4 = None  # a new device or dtype: repack on next use
         self._generation += 1
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._packed = self._own = None
+        self._restore()
+        self._packed = self._own = self._device_int4 = None
         self._generation += 1
         super()._load_from_state_dict(*args, **kwargs)
 
@@ -246,7 +351,11 @@ class QuantLinear(nn.Module):
         """Changes when the tensors do: replaced (`_generation`, the objects' ids) or written in place
         (their version counters). Cheap enough to check on every decode call."""
         tensors = [*self._buffers.values(), self._parameters.get("bias")]
-        return self._generation, *[(id(t), t._version) if t is not None else None for t in tensors]
+        return (
+            self._generation,
+            len(self._released),
+            *[(id(t), t._version) if t is not None else None for t in tensors],
+        )
 
 
 def _own_pack(
@@ -274,9 +383,9 @@ class FusedQuant:
     weights instead of two or three (a deep, thin model's decode step is mostly such small calls).
     The modules stay in place; the owner asks `serves(...)` with its current modules, so replacing
     one (a LoRA wrapper) turns the fused product off. Batches our kernels do not take run the
-    modules one by one. The stacked copy is built on first use and rebuilt when a module's tensors
-    change: replaced, or their codes or scales written in place (it replaces, not adds to, the
-    modules' own packed copies while decoding)."""
+    modules one by one. The stack is built on first use from the modules' packed copies, which then
+    become views into it (the weights stay resident once), and is rebuilt when a module's tensors
+    change: replaced, or their codes or scales written in place."""
 
     def __init__(self, modules: tuple[QuantLinear, ...]):
         self.modules = modules
@@ -292,6 +401,8 @@ class FusedQuant:
             m.scheme != first.scheme or m.in_features != first.in_features for m in modules
         ):
             return None
+        if any(m.out_features % kernels.ROWS for m in modules[:-1]):  # the stack would pad mid-way
+            return None
         return cls(modules)
 
     def serves(self, *modules: nn.Module) -> bool:
@@ -300,21 +411,25 @@ class FusedQuant:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.modules[0]._uses_own_kernel(x):
             return torch.cat([m(x) for m in self.modules], dim=-1)
-        key = tuple(m._stamp() for m in self.modules)
+        packs = [m._own_weights() for m in self.modules]
+        key = tuple(m._own_stamp for m in self.modules)  # each module's stamp, just checked
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, *self._stack())
+            self._packed = (key, *self._stack(packs))
         return _own_matmul(x, self._packed[1], self._packed[2])
 
-    def _stack(self) -> tuple[kernels.PackedInt8 | kernels.PackedInt4, torch.Tensor | None]:
+    def _stack(
+        self, packs: list[kernels.PackedInt8 | kernels.PackedInt4]
+    ) -> tuple[kernels.PackedInt8 | kernels.PackedInt4, torch.Tensor | None]:
+        """The modules' packed copies concatenated (blocks of rows are independent, and every module
+        but the last has whole blocks), each module's copy then a view into the stack: one copy."""
+        stacked, views = kernels.concat(packs)
+        for m, view in zip(self.modules, views):
+            m._own = view
         ms = self.modules
-        zeros = torch.cat([m.zeros for m in ms]) if ms[0].scheme.method == "int4" else None
-        packed = _own_pack(
-            ms[0].scheme, torch.cat([m.qweight for m in ms]), torch.cat([m.scales for m in ms]), zeros
-        )
         if all(m.bias is None for m in ms):
-            return packed, None
+            return stacked, None
         bias = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in ms]
-        return packed, torch.cat([b.detach().float() for b in bias])
+        return stacked, torch.cat([b.detach().float() for b in bias])
 
 
 def fuse_quantized(model: nn.Module) -> int:
@@ -379,17 +494,11 @@ def int4_to_cpu_kernel_layout(
     packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Our asymmetric int4 (codes q in [0, 15], w = (q − z)·s) in the layout of PyTorch's CPU kernel,
-    which computes w = (q − 8)·s + m with a float offset m per group:
-    (q − z)·s = (q − 8)·s + (8 − z)·s, so m = (8 − z)·s — exact in float32, rounded once to bfloat16.
+    which computes w = (q − 8)·s + m with a float offset m per group (`cuda.int4_scales_and_zeros`).
     Returns the kernel's packed weight and scales_and_zeros (in/g, out, 2) in bfloat16."""
-    from lmstack.quant.integer import int4_unpack
-
     codes = int4_unpack(packed).to(torch.int32)  # (out, in)
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-    s = scales.float()
-    offset = (8 - zeros.float()) * s
-    scales_and_zeros = torch.stack([s.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
-    return weight, scales_and_zeros
+    return weight, cuda.int4_scales_and_zeros(scales, zeros)
 
 
 def _buffer_specs(

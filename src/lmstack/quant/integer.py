@@ -6,10 +6,13 @@ int8, per output channel, symmetric:
 
 int4, group-wise, asymmetric: each row is cut into groups of `group_size` consecutive inputs; a group
 with range [lo, hi] (widened to hold 0, so zero is exact) gets
-    scale = (hi - lo) / 15,   zero = round(-lo / scale) in [0, 15],   q = clamp(round(w / scale) + zero, 0, 15)
-    w ≈ (q - zero) * scale;   |w - (q - zero) * scale| <= scale / 2.
+    scale = (hi - lo) / 15 rounded up to a bfloat16 value,   zero = round(-lo / scale) in [0, 15],
+    q = clamp(round(w / scale) + zero, 0, 15),   w ≈ (q - zero) * scale;   |w - (q - zero) * scale| <= scale / 2.
 Two 4-bit codes share a byte, the even input in the low nibble. Small groups track local ranges
-(the GPTQ/AWQ default is 128); the cost is one scale and one zero per group.
+(the GPTQ/AWQ default is 128); the cost is one scale and one zero per group. The scale is stored as
+float32 but holds a bfloat16 value (a step at most 2^-7 coarser), so a decode kernel reads 2 bytes
+per scale and still multiplies by exactly the saved value: with groups of 32, scales as float32
+would be a fifth of what a decode step reads.
 """
 
 from __future__ import annotations
@@ -74,13 +77,21 @@ def int4_quantize(w: torch.Tensor, group_size: int = 128) -> Int4Tensor:
     groups = w.reshape(out_features, in_features // group_size, group_size)
     lo = groups.amin(dim=-1).clamp(max=0)
     hi = groups.amax(dim=-1).clamp(min=0)
-    scale = (hi - lo) / 15
+    scale = bfloat16_ceil((hi - lo) / 15)
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     zero = torch.round(-lo * inv).clamp(0, 15)
     q = (torch.round(groups * inv[..., None]) + zero[..., None]).clamp(0, 15).to(torch.uint8)
     q = q.reshape(out_features, in_features)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
     return Int4Tensor(packed, scale, zero.to(torch.uint8), group_size, (out_features, in_features))
+
+
+def bfloat16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 values rounded up to the nearest bfloat16 value (its top 16 bits), as
+    float32: a scale rounded up still covers its group's range, and a kernel may store it in 2 bytes
+    exactly."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
 
 
 def int4_unpack(packed: torch.Tensor) -> torch.Tensor:

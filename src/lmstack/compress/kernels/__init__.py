@@ -1,4 +1,4 @@
-"""Our CPU kernels for batch-1 (small-M) products with int8 and int4 weights (`qgemv.c`).
+"""Our CPU kernels for products with int8 and int4 weights (`qgemv.c`), built for batch-1 decoding.
 
 Decoding one token reads every weight once; PyTorch's packed kernels stream int8 at about 60% of the
 rate float32 GEMV reaches and need bfloat16 activations. These read a layout repacked for streaming
@@ -12,13 +12,15 @@ at about 70% of the rate it reads memory. The bfloat16 head computes in float32 
 weights: "dequantise, then multiply" up to the order of float32 additions.
 
 `pack_int8` / `pack_int4` build that layout from a `QuantLinear`'s buffers (the on-disk format is
-unchanged); `int8_matmul` / `int4_matmul` run it. `available()` is False when the library cannot be
+unchanged) and `unpack_int8` / `unpack_int4` give them back exactly, so a module can hold its weights
+in one form only; `int8_matmul` / `int4_matmul` run it. `available()` is False when the library cannot be
 built here (see `build.load`); callers then use PyTorch's kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +47,8 @@ class PackedInt8:
 @dataclass(frozen=True)
 class PackedInt4:
     weight: torch.Tensor  # uint8, blocks of ROWS rows interleaved by 32 inputs (16 bytes)
-    scale: torch.Tensor  # float32 per (block, group, row)
-    offset: torch.Tensor  # float32 per (block, group, row): −zero·scale
+    scale: torch.Tensor  # bfloat16 per (block, group / 4, row, group % 4), groups padded to 4
+    zero: torch.Tensor  # uint8, as the scales
     out_features: int
     in_features: int
     group_size: int
@@ -70,12 +72,24 @@ def _interleave(rows: torch.Tensor, step: int) -> torch.Tensor:
     return rows.reshape(-1, ROWS, c // step, step).transpose(1, 2).contiguous().reshape(-1)
 
 
+def _deinterleave(flat: torch.Tensor, n: int, c: int, step: int) -> torch.Tensor:
+    """The inverse of `_interleave`: flat blocks -> (n, c)."""
+    return flat.reshape(-1, c // step, ROWS, step).transpose(1, 2).reshape(-1, c)[:n]
+
+
 def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> PackedInt8:
     """Our int8 (N, K) codes and per-row scales in the kernel's layout: codes zero-padded to a
     multiple of 32 inputs, stored as q + 128 (the sign bit flipped) for VNNI's unsigned operand."""
     n, k = qweight.shape
     w = F.pad(qweight.view(torch.uint8), (0, -k % 32)) ^ 0x80
     return PackedInt8(_interleave(w, 16), scales.float().contiguous(), n, k)
+
+
+def unpack_int8(p: PackedInt8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N, K) int8 codes and float32 scales `pack_int8` was given, exactly."""
+    k32 = -(-p.in_features // 32) * 32
+    codes = _deinterleave(p.weight, p.out_features, k32, 16)[:, : p.in_features] ^ 0x80
+    return codes.contiguous().view(torch.int8), p.scale.clone()
 
 
 def pack_bf16(weight: torch.Tensor) -> PackedBF16:
@@ -87,16 +101,50 @@ def pack_bf16(weight: torch.Tensor) -> PackedBF16:
 
 def pack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> PackedInt4:
     """Our int4 (codes two a byte, even input low; w = (q − z)·s per group) in the kernel's layout:
-    per 32 inputs, byte j holds input j (low nibble) and input j + 16 (high), and w = q·s + offset
-    with offset = −z·s in float32; scale and offset stored (block, group, row)."""
+    per 32 inputs, byte j holds input j (low nibble) and input j + 16 (high); scales in bfloat16 and
+    zeros stored (block, group / 4, row, group % 4), groups zero-padded to a multiple of 4, so the
+    kernel reads four groups of a block's four rows as one vector. `int4_quantize`'s scales are
+    bfloat16 values, kept exactly; other float32 scales are rounded to nearest (relative change
+    ≤ 2^-9, as PyTorch's own int4 kernels round them)."""
     n = packed.shape[0]
     codes = int4_unpack(packed).reshape(n, -1, 2, SUBBLOCK // 2)
     nibbles = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n, -1)
-    s = scales.float()
-    weight = _interleave(nibbles, SUBBLOCK // 2)
-    return PackedInt4(
-        weight, _interleave(s, 1), _interleave(-zeros.float() * s, 1), n, 2 * nibbles.shape[1], group_size
-    )
+    pad = (0, -scales.shape[1] % 4)
+    scale = _interleave(F.pad(scales.to(torch.bfloat16), pad), 4)
+    zero = _interleave(F.pad(zeros.to(torch.uint8), pad), 4)
+    return PackedInt4(_interleave(nibbles, SUBBLOCK // 2), scale, zero, n, 2 * nibbles.shape[1], group_size)
+
+
+def unpack_int4(p: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our int4 form back from the kernel's: codes two a byte (N, K/2) uint8, scales (N, K/g) as
+    float32 (exact where they were bfloat16 values, as `int4_quantize`'s are) and zeros (N, K/g)."""
+    n, k, groups = p.out_features, p.in_features, p.in_features // p.group_size
+    nibbles = _deinterleave(p.weight, n, k // 2, SUBBLOCK // 2).reshape(n, -1, SUBBLOCK // 2)
+    codes = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=2).reshape(n, k)  # input j, then j + 16
+    padded = -(-groups // 4) * 4
+    scale = _deinterleave(p.scale, n, padded, 4)[:, :groups].float()
+    zero = _deinterleave(p.zero, n, padded, 4)[:, :groups].contiguous()
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), scale, zero
+
+
+def concat(
+    packs: list[PackedInt8] | list[PackedInt4],
+) -> tuple[PackedInt8 | PackedInt4, list[PackedInt8 | PackedInt4]]:
+    """Packed matrices of one kind and input width stacked by rows (every one but the last a whole
+    number of ROWS-row blocks), and each input again as a view into the stack."""
+    assert all(p.out_features % ROWS == 0 for p in packs[:-1])
+    fields = ["weight", "scale"] + (["zero"] if isinstance(packs[0], PackedInt4) else [])
+    stacked = {f: torch.cat([getattr(p, f) for p in packs]) for f in fields}
+    whole = dataclasses.replace(packs[0], **stacked, out_features=sum(p.out_features for p in packs))
+    views, starts = [], dict.fromkeys(fields, 0)
+    for p in packs:
+        parts = {}
+        for f in fields:
+            n = getattr(p, f).numel()
+            parts[f] = stacked[f][starts[f] : starts[f] + n]
+            starts[f] += n
+        views.append(dataclasses.replace(p, **parts))
+    return whole, views
 
 
 def _threads(out_features: int, in_features: int) -> int:
@@ -161,10 +209,8 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 def int4_matmul(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
     """quantize_activations(x) (..., K) @ Wᵀ (+ bias) in float32, shape (..., N)."""
     lib, rows, y, b = _call_args(x, p.in_features, p.out_features, bias)
-    m, k = rows.shape
-    scratch = torch.empty(-(-m * k // 64) * 16 + m * (k // 32 + k // p.group_size), dtype=torch.float32)
     lib.lm_int4q8_gemm(
-        rows.data_ptr(), m, k, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(), p.offset.data_ptr(),
-        _ptr(b), y.data_ptr(), p.out_features, scratch.data_ptr(), _threads(p.out_features, p.in_features),
+        rows.data_ptr(), rows.shape[0], p.in_features, p.group_size, p.weight.data_ptr(), p.scale.data_ptr(),
+        p.zero.data_ptr(), _ptr(b), y.data_ptr(), p.out_features, _threads(p.out_features, p.in_features),
     )  # fmt: skip
     return y

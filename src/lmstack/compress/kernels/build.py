@@ -30,12 +30,12 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("qgemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)  # after the source, where linkers look for what it needs
-ABI = 3  # lm_kernel_abi() of the source this module's signatures describe
+ABI = 6  # lm_kernel_abi() of the source this module's signatures describe
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 SIGNATURES = {
     "lm_int8q8_gemm": [_P, _L, _L, _P, _P, _P, _P, _L, _I],
     "lm_bf16_gemm": [_P, _L, _L, _P, _P, _P, _L, _I],
-    "lm_int4q8_gemm": [_P, _L, _L, _L, _P, _P, _P, _P, _P, _L, _P, _I],
+    "lm_int4q8_gemm": [_P, _L, _L, _L, _P, _P, _P, _P, _P, _L, _I],
 }
 
 
