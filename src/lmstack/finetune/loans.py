@@ -2,8 +2,8 @@
 
 Each example is generated from a seed, so the shipped files can be re-made byte for byte
 (`python -m lmstack.finetune.loans DIR`). An application states the applicant, the amount, the term,
-the yearly income and the monthly payments on other debts, in one of several phrasings; the answer is
-one line of JSON:
+the yearly income, the monthly payments on other debts and the debt-to-income ratio the lender's intake
+computed from them, in one of several phrasings; the answer is one line of JSON:
 
     {"applicant": "Ana Silva", "amount": 12000, "term_months": 36, "income": 48000, "dti": 0.23,
      "decision": "approve", "rule": "dti <= 0.36"}
@@ -30,10 +30,10 @@ INSTRUCTION = "Read the loan application and answer with its JSON summary."
 FIRST = "Ana Ben Carla David Elena Farid Grace Hugo Irene Jonas Kira Liam Maya Nora Omar Pia Quinn Rosa Sami Tara Umar Vera Wen Yara Zoe".split()  # fmt: skip
 LAST = "Silva Okafor Novak Chen Garcia Haddad Ivanova Jensen Kim Lopez Moreau Nakamura Olsen Patel Rossi Schmidt Tanaka Weber".split()  # fmt: skip
 PHRASINGS = (
-    "{name} asks for ${amount:,} over {term} months. {pronoun} earns ${income:,} a year and pays ${debt:,} a month on other debts.",
-    "Loan request from {name}: ${amount:,}, {term}-month term. Yearly income ${income:,}; existing debt payments ${debt:,} per month.",
-    "{name} would like to borrow ${amount:,} for {term} months. Income: ${income:,} per year. Monthly debts: ${debt:,}.",
-    "Applicant {name}, income ${income:,}/year, already pays ${debt:,}/month in loans, wants ${amount:,} repaid over {term} months.",
+    "{name} asks for ${amount:,} over {term} months. {pronoun} {earns} ${income:,} a year and {pays} ${debt:,} a month on other debts, a debt-to-income ratio of {dti}.",
+    "Loan request from {name}: ${amount:,}, {term}-month term. Yearly income ${income:,}; existing debt payments ${debt:,} per month (DTI {dti}).",
+    "{name} would like to borrow ${amount:,} for {term} months. Income: ${income:,} per year. Monthly debts: ${debt:,}. Debt-to-income: {dti}.",
+    "Applicant {name}, income ${income:,}/year, already pays ${debt:,}/month in loans (DTI {dti}), wants ${amount:,} repaid over {term} months.",
 )
 
 
@@ -58,24 +58,25 @@ def example(rng: random.Random) -> dict[str, Any]:
     amount = rng.randrange(1, 80) * 1000 if rng.random() > 0.1 else income * rng.randrange(6, 9)
     term = rng.choice((12, 24, 36, 48, 60, 72))
     debt = rng.randrange(0, int(income / 12 * 0.6) // 50 + 1) * 50
-    text = (
-        rng.choice(PHRASINGS)
-        .format(
-            name=name,
-            amount=amount,
-            term=term,
-            income=income,
-            debt=debt,
-            pronoun=rng.choice(("She", "He", "They")),
-        )
-        .replace("They earns", "They earn")
+    pronoun = rng.choice(("She", "He", "They"))
+    verbs = {"earns": "earn", "pays": "pay"} if pronoun == "They" else {"earns": "earns", "pays": "pays"}
+    rules = decide(amount, income, debt)
+    text = rng.choice(PHRASINGS).format(
+        name=name,
+        amount=amount,
+        term=term,
+        income=income,
+        debt=debt,
+        pronoun=pronoun,
+        dti=rules["dti"],
+        **verbs,
     )
     answer = {
         "applicant": name,
         "amount": amount,
         "term_months": term,
         "income": income,
-        **decide(amount, income, debt),
+        **rules,
     }
     return {"prompt": f"{INSTRUCTION}\n{text}", "response": json.dumps(answer, separators=(", ", ": "))}
 
