@@ -46,12 +46,18 @@ def test_bad_preference_records(tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "b"}])
     with pytest.raises(InputError, match=r"q\.jsonl:1: 'chosen' and 'rejected' are the same"):
         read_records(path, kind="dpo")
+    with pytest.raises(InputError, match="sft_weight=-1.0 must be >= 0"):
+        FinetuneConfig(
+            model=str(tmp_path), out=str(tmp_path / "o"), method="dpo", data="p.jsonl", sft_weight=-1.0
+        )
 
 
-def test_loss_matches_trl(base_dir, dpo_file, tmp_path):
-    """trl's `DPOTrainer._compute_loss` (sigmoid loss, reverse KL) is run on a stand-in model that returns
-    the per-token log-probs of our policy, with our reference's sequence log-probs precomputed; its loss,
-    reward margin and accuracy must equal ours on the same batch."""
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_loss_matches_trl(base_dir, dpo_file, tmp_path, sft_weight):
+    """trl's `DPOTrainer._compute_loss` (sigmoid loss, reverse KL; with `sft_weight`, loss types sigmoid
+    and sft weighted 1 and w: RPO) is run on a stand-in model that returns the per-token log-probs of
+    our policy, with our reference's sequence log-probs precomputed; its loss, reward margin and accuracy
+    must equal ours on the same batch."""
     trl = pytest.importorskip("trl")
     start = chat_ready_base(base_dir, tmp_path / "base")
     policy, tok = load_model_and_tokenizer(start)
@@ -69,7 +75,11 @@ def test_loss_matches_trl(base_dir, dpo_file, tmp_path):
     with torch.no_grad():
         ref_logps = sequence_logps(reference, batch)
     n = len(pairs)
-    ours, metrics = dpo_loss(policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], beta)
+    chosen_tokens = (batch["labels"][:n, 1:] != IGNORE).sum()
+    ours, metrics = dpo_loss(
+        policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], beta, chosen_tokens=chosen_tokens,
+        sft_weight=sft_weight,
+    )  # fmt: skip
 
     logits = policy(batch["ids"], positions=batch["positions"], attention_mask=batch["mask"])
     targets = batch["labels"][:, 1:]
@@ -85,7 +95,7 @@ def test_loss_matches_trl(base_dir, dpo_file, tmp_path):
     identity = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=identity, aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0],
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=["sigmoid", "sft"], loss_weights=[1.0, sft_weight],
         beta=beta, label_smoothing=0.0, use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)),
         _total_train_tokens=0, _tp_size=1,
     )  # fmt: skip
@@ -115,7 +125,7 @@ def test_dpo_run_with_lora_prefers_the_chosen_replies(base_dir, dpo_file, tmp_pa
     assert records[0]["val_reward_margin"] == pytest.approx(0.0, abs=1e-6)  # policy = reference at step 0
     assert records[-1]["val_preference_accuracy"] > records[0]["val_preference_accuracy"]
     assert records[-1]["val_reward_margin"] > 0.1
-    assert all("reward_margin" in r and "preference_accuracy" in r for r in records[1:])
+    assert all({"reward_margin", "preference_accuracy", "chosen_nll"} <= r.keys() for r in records[1:])
     state = json.loads((result.train.checkpoint / "trainer" / "state.json").read_text())
     ref = state["method"]["state"]["reference"]
     assert ref["path"] == str(tmp_path / "run" / "base") and len(ref["sha256"]) == 64

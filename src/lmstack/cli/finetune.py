@@ -59,6 +59,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup-steps", type=int, metavar="N")
     p.add_argument("--beta", type=float, help="DPO's beta (default 0.1)")
+    p.add_argument(
+        "--sft-weight", type=float, metavar="W", help="DPO: add W x the chosen replies' NLL (RPO; default 0)"
+    )
     p.add_argument("--reference", metavar="DIR", help="DPO's frozen reference (default: the base)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device")

@@ -7,8 +7,13 @@ y_w's likelihood relative to a frozen reference π_ref more than y_l's:
     loss = −log σ(r(y_w) − r(y_l))
 
 β sets how far π may move from π_ref (the KL strength of the RLHF objective DPO solves in closed
-form). Logged: the reward margin r(y_w) − r(y_l) and the preference accuracy, the fraction of pairs
-with r(y_w) > r(y_l). The reference is the starting model (or another folder), loaded frozen and
+form). Logged: the reward margin r(y_w) − r(y_l), the preference accuracy (the fraction of pairs with
+r(y_w) > r(y_l)) and the chosen replies' mean per-token NLL.
+
+DPO only asks that y_w gain on y_l; it commonly lowers both, y_w less (likelihood displacement, Razin
+et al. 2024), and when the two replies share all but a few tokens the model's own answers can fall
+apart. `sft_weight` w adds w × the chosen replies' mean per-token NLL to the loss (RPO, Pang et al.
+2024; trl's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, w]`), which keeps y_w likely. The reference is the starting model (or another folder), loaded frozen and
 recorded by path and weights hash; a resume against other reference weights is refused.
 
 Pairs are rendered like SFT conversations (prompt messages + the reply as assistant message), so the
@@ -91,8 +96,13 @@ def dpo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
+    *,
+    chosen_tokens: torch.Tensor | int | None = None,
+    sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The mean DPO loss over pairs from sequence log-probs (each (B,)), and its logged values."""
+    """The mean DPO loss over pairs from sequence log-probs (each (B,)), and its logged values. Given
+    the number of labelled tokens in the chosen replies, their mean NLL is logged and, times
+    `sft_weight`, added to the loss (see the module doc)."""
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
     margin = chosen_reward - rejected_reward
@@ -103,6 +113,13 @@ def dpo_loss(
         "chosen_reward": chosen_reward.detach().mean(),
         "rejected_reward": rejected_reward.detach().mean(),
     }
+    if chosen_tokens is not None:
+        nll = -policy_chosen.sum() / chosen_tokens
+        metrics["chosen_nll"] = nll.detach()
+        if sft_weight:
+            loss = loss + sft_weight * nll
+    elif sft_weight:
+        raise ValueError("sft_weight needs chosen_tokens, the chosen replies' labelled token count")
     return loss, metrics
 
 
@@ -113,10 +130,16 @@ class DPO(SFT):
     loss_is_nll = False
 
     def __init__(
-        self, data: str | Path, *, beta: float = 0.1, reference: str | Path | None = None, **kw: Any
+        self,
+        data: str | Path,
+        *,
+        beta: float = 0.1,
+        sft_weight: float = 0.0,
+        reference: str | Path | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__(data, packing=False, **kw)
-        self.beta = beta
+        self.beta, self.sft_weight = beta, sft_weight
         self.reference_spec = reference  # None: the starting model (the tokenizer's folder)
 
     def examples(self, tokenizer: Any, path: Path, seq_len: int) -> tuple[list[Any], ExampleStats]:
@@ -145,7 +168,16 @@ class DPO(SFT):
         with torch.no_grad():
             ref = sequence_logps(self.reference, batch)
         n = policy.shape[0] // 2  # chosen rows first, then rejected
-        return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta)
+        tokens = (batch["labels"][:n, 1:] != IGNORE).sum()
+        return dpo_loss(
+            policy[:n],
+            policy[n:],
+            ref[:n],
+            ref[n:],
+            self.beta,
+            chosen_tokens=tokens,
+            sft_weight=self.sft_weight,
+        )
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, MetricValue]]:
         return self.pair_loss(model, batch)
@@ -158,7 +190,12 @@ class DPO(SFT):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, state = super().state_dict()
-        return tensors, {**state, "reference": self.reference_record, "beta": self.beta}
+        return tensors, {
+            **state,
+            "reference": self.reference_record,
+            "beta": self.beta,
+            "sft_weight": self.sft_weight,
+        }
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         check_frozen_model(state["reference"], self.reference_record)

@@ -67,6 +67,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     # DPO
     beta: float = 0.1
+    sft_weight: float = 0.0  # w x the chosen replies' NLL added to DPO's loss (RPO); see finetune/dpo.py
     reference: str | None = None  # default: the starting model
     # the rest
     seed: int = 0
@@ -92,6 +93,8 @@ class FinetuneConfig:
             raise InputError(f"val_fraction={self.val_fraction} must lie in (0, 1) — e.g. 0.1")
         if not self.beta > 0:
             raise InputError(f"beta={self.beta} must be > 0 — DPO's usual range is 0.1 to 0.5")
+        if not self.sft_weight >= 0:
+            raise InputError(f"sft_weight={self.sft_weight} must be >= 0 — 0 is plain DPO, 1 is RPO's weight")
         if self.method == "dpo" and self.data is None:
             raise InputError("DPO needs preference data — pass --data FILE.jsonl with prompt/chosen/rejected")
         lora_config_for(
@@ -143,7 +146,7 @@ def build_method(config: FinetuneConfig, tokenizer_path: Path, base: dict[str, s
     if config.method == "dpo":
         from lmstack.finetune.dpo import DPO
 
-        return DPO(data, beta=config.beta, reference=config.reference, **common)
+        return DPO(data, beta=config.beta, sft_weight=config.sft_weight, reference=config.reference, **common)
     from lmstack.finetune.sft import SFT
 
     return SFT(data, packing=config.packing, **common)
