@@ -61,16 +61,8 @@ def example(rng: random.Random) -> dict[str, Any]:
     pronoun = rng.choice(("She", "He", "They"))
     verbs = {"earns": "earn", "pays": "pay"} if pronoun == "They" else {"earns": "earns", "pays": "pays"}
     rules = decide(amount, income, debt)
-    text = rng.choice(PHRASINGS).format(
-        name=name,
-        amount=amount,
-        term=term,
-        income=income,
-        debt=debt,
-        pronoun=pronoun,
-        dti=rules["dti"],
-        **verbs,
-    )
+    stated = dict(name=name, amount=amount, term=term, income=income, debt=debt, dti=rules["dti"])
+    text = rng.choice(PHRASINGS).format(**stated, pronoun=pronoun, **verbs)
     answer = {
         "applicant": name,
         "amount": amount,
