@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from lmstack.compress import QuantLinear, QuantScheme, kernels, quantize
+from lmstack.compress.decode import DecodeHead, FusedQuant
 from lmstack.compress.kernels import build
-from lmstack.compress.linear import DecodeHead, FusedQuant
 from lmstack.config import ModelConfig
 from lmstack.infer import generate
 from lmstack.model import build_model

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from lmstack.compress import QuantLinear, QuantScheme, quantization_config, quantize
-from lmstack.compress.linear import QUANT_TENSORS, TARGETS
+from lmstack.compress.linear import QUANT_TENSORS
+from lmstack.compress.swap import TARGETS
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
 from lmstack.model import build_model

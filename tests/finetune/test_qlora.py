@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lmstack.cli import main
-from lmstack.compress.linear import QuantLinear, QuantScheme, swap
+from lmstack.compress.linear import QuantLinear, QuantScheme
+from lmstack.compress.swap import swap
 from lmstack.errors import InputError
 from lmstack.finetune.adapters import hf_module_names, load_peft_folder, load_with_adapter
 from lmstack.finetune.lora import (

@@ -1,5 +1,10 @@
 """Model compression: weight-only quantization of a model's linear layers.
 
+  linear   QuantLinear: one layer's int8 / int4 / NF4 matrix and its products (our kernels on CPU)
+  swap     which linears a model quantizes, and the record in config.json that loads it back
+  decode   the decode step past the kernel: fused q,k,v / gate,up products, a 16-bit float head
+  kernels  the C kernels; cuda: PyTorch's int4 kernel on CUDA, self-checked
+
 `quantize(model, "int8" | "int4" | "nf4")` swaps the projections for `QuantLinear`s in place; the
 quantized model saves with `save_pretrained` (the scheme recorded in config.json's
 `quantization_config`) and loads back with `from_pretrained` like any other checkpoint.
@@ -9,15 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmstack.compress.linear import (
-    METHODS,
-    QuantLinear,
-    QuantScheme,
-    is_quantized,
-    prepare_quantized,
-    quantization_config,
-    swap,
-)
+from lmstack.compress.linear import METHODS, QuantLinear, QuantScheme
+from lmstack.compress.swap import is_quantized, prepare_quantized, quantization_config, swap
 
 
 def quantize(

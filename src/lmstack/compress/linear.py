@@ -1,4 +1,4 @@
-"""Weight-only quantized linears: `QuantLinear`, `swap(model, scheme)` and the record in config.json.
+"""Weight-only quantized linears: `QuantLinear`, one layer's quantized matrix and its products.
 
 A `QuantLinear` stores its matrix in one of three forms (buffers, saved as `<linear>.qweight` etc.):
 
@@ -11,9 +11,8 @@ and computes `x @ Wᵀ + b`. Decoding one token is a matrix-vector product whose
 read the weights, so fewer bytes per weight is the speedup — provided the matmul reads the integers
 directly instead of first writing a float copy. On CPU, products run through our own kernels
 (`lmstack.compress.kernels`, compiled on first use: a layout repacked for streaming; int8 and int4 on
-int8-rounded activations as llama.cpp does), the projections that read one input fused
-(`FusedQuant`: q, k, v; gate, up), and a decode-sized batch of the float head through a bfloat16 copy
-(`DecodeHead`). Our kernels take prefill too: on the machine this was measured on they beat
+int8-rounded activations as llama.cpp does); `compress.decode` fuses the projections that read one
+input and gives the float head a bfloat16 copy. Our kernels take prefill too: on the machine this was measured on they beat
 PyTorch's packed kernels at every batch size tried (1.3-2x at 9 to 1024 rows). The repacked copy is
 built on first use and then is the only copy: the saved buffers are let go and rebuilt exactly from
 it when read (state dict, `dequantize`, attribute access), so a decoding model holds its integer
@@ -23,14 +22,12 @@ bfloat16 around the call: those kernels are several times slower on float32 inpu
 (NF4, CUDA, a shape PyTorch's int4 kernel refuses, a call that needs gradients with
 respect to x) dequantises the matrix and multiplies: correct everywhere, fast nowhere.
 
-The scheme is a property of the checkpoint, not of its file name: `quantization_config(model)` is
-what `save_pretrained` writes into config.json, and `prepare_quantized(model, config)` rebuilds the
-empty quantized modules on a meta-built model so the loader can assign the saved tensors to them.
+Which of a model's linears become QuantLinears, and the record that lets a checkpoint load back, is
+`compress.swap`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +37,6 @@ from torch import nn
 
 from lmstack.compress import cuda, kernels
 from lmstack.errors import InputError
-from lmstack.model.attention import Attention
-from lmstack.model.mlp import MLP
 from lmstack.quant import (
     Int4Tensor,
     Int8Tensor,
@@ -56,18 +51,12 @@ from lmstack.quant import (
 from lmstack.quant.integer import INT4_GROUP_SIZES, int4_unpack
 from lmstack.quant.nf4 import NF4_CODE, nf4_absmax
 
-QUANT_METHOD = "lmstack"  # the `quant_method` of config.json's quantization_config
 METHODS = ("int8", "int4", "nf4")
 BITS = {"int8": 8, "int4": 4, "nf4": 4}
 DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128, "nf4": 64}
 # every tensor a QuantLinear may save besides its bias (the weight maps name them after the linear)
 QUANT_TENSORS = ("qweight", "scales", "zeros", "absmax_scale", "absmax_offset")
-# the projections a quantizer targets; embeddings, norms, MoE routers and (by default) the head stay float
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 _NF4_DOUBLE_BLOCK = 256
-# rows (tokens) up to which the float head multiplies by its bfloat16 copy; past a few rows the
-# float32 weight and PyTorch's tiled matmul win
-SMALL_BATCH = 8
 # devices whose int4 products go through PyTorch's packed int4 kernel (`compress.cuda`, self-checked)
 DEVICE_INT4 = ("cuda",)
 # byte -> its two NF4 values, high nibble first (the packing of lmstack.quant.nf4)
@@ -196,7 +185,7 @@ class QuantLinear(nn.Module):
     # ---- the fast path ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_own_kernel(x):
-            return _own_matmul(x, self._own_weights(), self.bias)
+            return packed_matmul(x, self._own_weights(), self.bias)
         if self._uses_device_int4(x) and (packed_int4 := self._device_int4_weights()) is not None:
             y = cuda.int4_matmul(x, packed_int4)
             return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -367,127 +356,15 @@ def _own_pack(
     return kernels.pack_int4(qweight, scales, zeros, scheme.group_size)
 
 
-def _own_matmul(
+def packed_matmul(
     x: torch.Tensor, packed: kernels.PackedInt8 | kernels.PackedInt4, bias: torch.Tensor | None
 ) -> torch.Tensor:
+    """`x @ Wᵀ + b` by our kernel from a packed int8/int4 matrix, in x's dtype."""
     if isinstance(packed, kernels.PackedInt8):
         y = kernels.int8_matmul(x, packed, bias)
     else:
         y = kernels.int4_matmul(x, packed, bias)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-
-class FusedQuant:
-    """QuantLinears that read the same input — attention's q, k, v; a gated MLP's gate and up —
-    multiplied by our kernel as one matrix, their rows stacked: one call and one pass over the
-    weights instead of two or three (a deep, thin model's decode step is mostly such small calls).
-    The modules stay in place; the owner asks `serves(...)` with its current modules, so replacing
-    one (a LoRA wrapper) turns the fused product off. Batches our kernels do not take run the
-    modules one by one. The stack is built on first use from the modules' packed copies, which then
-    become views into it (the weights stay resident once), and is rebuilt when a module's tensors
-    change: replaced, or their codes or scales written in place."""
-
-    def __init__(self, modules: tuple[QuantLinear, ...]):
-        self.modules = modules
-        self._packed: tuple[tuple, kernels.PackedInt8 | kernels.PackedInt4, torch.Tensor | None] | None = None
-
-    @classmethod
-    def of(cls, *modules: nn.Module | None) -> FusedQuant | None:
-        """A fused product of `modules`, or None where they are not int8/int4 QuantLinears of one scheme."""
-        if not all(isinstance(m, QuantLinear) for m in modules):
-            return None
-        first = modules[0]
-        if first.scheme.method not in ("int8", "int4") or any(
-            m.scheme != first.scheme or m.in_features != first.in_features for m in modules
-        ):
-            return None
-        if any(m.out_features % kernels.ROWS for m in modules[:-1]):  # the stack would pad mid-way
-            return None
-        return cls(modules)
-
-    def serves(self, *modules: nn.Module) -> bool:
-        return len(modules) == len(self.modules) and all(a is b for a, b in zip(modules, self.modules))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.modules[0]._uses_own_kernel(x):
-            return torch.cat([m(x) for m in self.modules], dim=-1)
-        packs = [m._own_weights() for m in self.modules]
-        key = tuple(m._own_stamp for m in self.modules)  # each module's stamp, just checked
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, *self._stack(packs))
-        return _own_matmul(x, self._packed[1], self._packed[2])
-
-    def _stack(
-        self, packs: list[kernels.PackedInt8 | kernels.PackedInt4]
-    ) -> tuple[kernels.PackedInt8 | kernels.PackedInt4, torch.Tensor | None]:
-        """The modules' packed copies concatenated (blocks of rows are independent, and every module
-        but the last has whole blocks), each module's copy then a view into the stack: one copy."""
-        stacked, views = kernels.concat(packs)
-        for m, view in zip(self.modules, views):
-            m._own = view
-        ms = self.modules
-        if all(m.bias is None for m in ms):
-            return stacked, None
-        bias = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in ms]
-        return stacked, torch.cat([b.detach().float() for b in bias])
-
-
-def fuse_quantized(model: nn.Module) -> int:
-    """Give every attention whose q, k, v (and every gated MLP whose gate, up) are int8/int4
-    QuantLinears a `FusedQuant` of them; returns how many were fused."""
-    fused = 0
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.fused_qkv = FusedQuant.of(module.q, module.k, module.v) or module.fused_qkv
-            fused += isinstance(module.fused_qkv, FusedQuant)
-        elif isinstance(module, MLP) and module.gate is not None:
-            module.fused_gate_up = FusedQuant.of(module.gate, module.up)
-            fused += module.fused_gate_up is not None
-    return fused
-
-
-class DecodeHead(nn.Linear):
-    """The float LM head of a quantized model (the head the quantizer leaves in 16/32-bit): the same
-    `nn.Linear` — same parameters, tied to the embedding or not, same state dict — that multiplies a
-    decode-sized batch on CPU by a bfloat16 copy of its weight with our kernel (float32 activations
-    and sums). A tied head of a small model is the largest matrix a decode step reads (GPT-2's is
-    154 MB in float32 against 85 MB for all its int8 blocks); at 16 bits it costs half. The copy
-    (half the head's size, built on first use, never saved) is rebuilt when the weight changes;
-    larger batches, gradients and other devices use the float32 weight."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._copy: tuple[tuple[int, int], kernels.PackedBF16] | None = None  # (weight's identity, copy)
-
-    @classmethod
-    def wrap(cls, linear: nn.Linear) -> DecodeHead:
-        """A DecodeHead holding `linear`'s own parameters (nothing is copied or allocated)."""
-        head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        head.weight = linear.weight
-        head.bias = linear.bias
-        return head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (
-            x.device.type != "cpu"
-            or w.device.type != "cpu"
-            or x.numel() > SMALL_BATCH * self.in_features
-            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            or not kernels.available()
-        ):
-            return super().forward(x)
-        key = (w.data_ptr(), w._version)
-        if self._copy is None or self._copy[0] != key:
-            self._copy = (key, kernels.pack_bf16(w))
-        return kernels.bf16_matmul(x, self._copy[1], self.bias).to(x.dtype)
-
-
-def use_decode_head(model: nn.Module) -> None:
-    """Make a quantized model's float `lm_head` a `DecodeHead` (no-op without a plain linear head)."""
-    head = getattr(model, "lm_head", None)
-    if type(head) is nn.Linear:
-        model.lm_head = DecodeHead.wrap(head)
 
 
 def int4_to_cpu_kernel_layout(
@@ -541,131 +418,3 @@ def _quantize(w: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
         "absmax_scale": t.absmax_scale,
         "absmax_offset": torch.tensor([t.offset]),
     }
-
-
-# ---- swapping modules ---------------------------------------------------------------------------
-def target_linears(model: nn.Module, *, include_head: bool = False) -> Iterator[tuple[str, nn.Linear]]:
-    """(name, module) of every projection a quantizer replaces, in model order."""
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if (leaf in TARGETS and name.startswith("blocks.")) or (include_head and name == "lm_head"):
-            yield name, module
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantLinear) for m in model.modules())
-
-
-def swap(
-    model: nn.Module,
-    scheme: QuantScheme,
-    *,
-    include_head: bool = False,
-    head_scheme: QuantScheme | None = None,
-) -> nn.Module:
-    """Replace the model's projections by `QuantLinear`s of `scheme`, in place; returns the model.
-
-    With `include_head`, the LM head is quantized too. A head tied to the token embedding is
-    quantized from the shared matrix and the tie ends: the embedding lookup keeps the float matrix
-    (a lookup reads one row, so its bytes do not matter), the logits come from the quantized copy —
-    what llama.cpp's Q8_0/Q4_0 files do with a tied `token_embd`, and on a small model with a large
-    vocabulary the head is the largest matrix a decode step reads. The checkpoint then holds both.
-    `head_scheme` quantizes the head differently from the blocks (default: `scheme`).
-
-    Every module is checked before any is replaced, so a refused call leaves the model as it was."""
-    if is_quantized(model):
-        method = next(m.scheme.method for m in model.modules() if isinstance(m, QuantLinear))
-        raise InputError(f"the model is already quantized ({method}) — quantize its float checkpoint instead")
-    targets = [
-        (name, linear, head_scheme if name == "lm_head" and head_scheme is not None else scheme)
-        for name, linear in target_linears(model, include_head=include_head)
-    ]
-    for name, linear, s in targets:
-        if s.method == "int4" and linear.in_features % s.group_size:
-            fits = [g for g in INT4_GROUP_SIZES if linear.in_features % g == 0]
-            fix = f"use --group-size {fits[-1]}" if fits else "use int8 or nf4"
-            raise InputError(
-                f"int4 group size {s.group_size} does not divide the input width "
-                f"{linear.in_features} of {name} — {fix}"
-            )
-    for name, linear, s in targets:
-        _replace(model, name, QuantLinear.from_linear(linear, s))
-    use_decode_head(model)
-    fuse_quantized(model)
-    return model
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
-
-
-# ---- the record in config.json --------------------------------------------------------------------
-def quantization_config(model: nn.Module) -> dict[str, Any] | None:
-    """config.json's `quantization_config` for a quantized model (None for a float one)."""
-    quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    if not quantized:
-        return None
-    schemes = {m.scheme for n, m in quantized if n != "lm_head"}
-    head = next((m.scheme for n, m in quantized if n == "lm_head"), None)
-    if len(schemes) > 1:
-        raise InputError("the model mixes quantization schemes — quantize it with one method")
-    scheme = schemes.pop() if schemes else head
-    assert scheme is not None
-    record = {
-        "quant_method": QUANT_METHOD,
-        "scheme": scheme.method,
-        "bits": scheme.bits,
-        "group_size": scheme.group_size,
-        "modules": [n for n, _ in quantized],
-    }
-    if head is not None and head != scheme:  # the head in its own scheme (`quantize(include_head="int8")`)
-        record["head"] = {"scheme": head.method, "bits": head.bits, "group_size": head.group_size}
-    return record
-
-
-def prepare_quantized(model: nn.Module, config: dict[str, Any], *, dtype: torch.dtype) -> None:
-    """Replace the modules a `quantization_config` names by empty `QuantLinear`s on the model's
-    device (meta while loading), ready to have the checkpoint's tensors assigned."""
-    if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
-        method = config.get("quant_method") if isinstance(config, dict) else config
-        raise InputError(
-            f"config.json quantization_config has quant_method {method!r}, which lmstack cannot load — "
-            f"load a float checkpoint or one `lmstack quantize` wrote (quant_method {QUANT_METHOD!r})"
-        )
-    try:
-        scheme = QuantScheme.make(config["scheme"], config.get("group_size"))
-        head = config.get("head")
-        head_scheme = scheme if head is None else QuantScheme.make(head["scheme"], head.get("group_size"))
-        modules = list(config["modules"])
-    except (KeyError, TypeError) as exc:
-        raise InputError(
-            f"config.json quantization_config lacks {exc} — re-save the model with `lmstack quantize`"
-        ) from None
-    for name in modules:
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, nn.Linear):
-            raise InputError(
-                f"config.json quantization_config names module {name!r}, which is not a linear layer of "
-                "this model — the config does not match the checkpoint; re-save it"
-            )
-        device = linear.weight.device
-        _replace(
-            model,
-            name,
-            QuantLinear(
-                linear.in_features,
-                linear.out_features,
-                head_scheme if name == "lm_head" else scheme,
-                bias=linear.bias is not None,
-                device=device,
-                dtype=dtype,
-            ),
-        )
-    use_decode_head(model)
-    fuse_quantized(model)

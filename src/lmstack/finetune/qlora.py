@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.atomic import atomic_write_text
-from lmstack.compress.linear import QuantLinear, QuantScheme, is_quantized
+from lmstack.compress.linear import QuantLinear, QuantScheme
+from lmstack.compress.swap import is_quantized
 from lmstack.errors import InputError
 from lmstack.finetune.lora import OUTPUT_LAYER, LoraConfig, LoraLinear, apply_lora, lora_layers
 

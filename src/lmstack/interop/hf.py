@@ -44,7 +44,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmstack.atomic import replace_dir
-from lmstack.compress.linear import QUANT_TENSORS, prepare_quantized, quantization_config
+from lmstack.compress.linear import QUANT_TENSORS
+from lmstack.compress.swap import prepare_quantized, quantization_config
 from lmstack.config import ModelConfig
 from lmstack.errors import InputError
 from lmstack.interop.hf_config import (
