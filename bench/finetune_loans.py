@@ -3,7 +3,7 @@ to held-out applications parse as JSON and how many fields are exact, before and
 Prints one JSON object.
 
 python bench/finetune_loans.py --pretrain-minutes 4 --steps 300 --threads 2
-python bench/finetune_loans.py --base tests/finetune/loan_base --steps 600 --lr 5e-3 --seed 0
+python bench/finetune_loans.py --base tests/finetune/loan_base --steps 600 --lr 5e-3 --seed 0   # the test's run
 python bench/finetune_loans.py --save-base tests/finetune/loan_base   # re-make the learning test's base
 
 `--pretrain repeat` (and `--save-base`) makes a base that can copy from its context: a byte-level
@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--adapter", default="lora")
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--rank", type=int, default=16)
@@ -144,7 +145,7 @@ def main() -> None:
     start = time.perf_counter()
     result = finetune(FinetuneConfig(
         model=str(base_dir), out=str(work / "sft"), adapter=args.adapter, lora_targets=args.targets,
-        lora_rank=args.rank, lora_alpha=2.0 * args.rank, max_steps=args.steps, batch_size=8, lr=args.lr,
+        lora_rank=args.rank, lora_alpha=2.0 * args.rank, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         threads=args.threads, progress=False, eval_interval=100, checkpoint_interval=1000, seed=args.seed,
     ))  # fmt: skip
     finetune_s = time.perf_counter() - start
@@ -155,7 +156,7 @@ def main() -> None:
     print(json.dumps({
         "preset": args.preset, "pretrain_min": round(pretrain_s / 60, 2), "pretrain_val_loss": base_loss,
         "pretrain": args.pretrain, "induction_loss": induction, "seed": args.seed,
-        "adapter": args.adapter, "targets": args.targets, "rank": args.rank, "steps": args.steps,
+        "adapter": args.adapter, "targets": args.targets, "rank": args.rank, "steps": args.steps, "batch_size": args.batch_size,
         "finetune_min": round(finetune_s / 60, 2), "sft_val_loss_start": result.train.initial_val_loss,
         "sft_val_loss_end": result.train.val_loss, "heldout": len(rows), "before": before, "after": after,
         "threads": args.threads, "example_answer": answers(after_model, tok, rows[:1], 200)[0],

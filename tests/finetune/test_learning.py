@@ -9,9 +9,9 @@ application into the answer is copying tokens) and a 4-layer, d 64 Llama-style m
 pretrained 3000 steps on the package's default corpus (Python's docs), half of its windows a passage
 repeated to fill the window. It holds nothing of the loan task; the repeats make induction heads form
 (the loss on a second copy of held-out text is 0.65 nats/byte against 1.72 on the first), and copying
-the applicant and the amounts needs them: the same SFT from a base pretrained on plain text, or from a
-2-layer one, writes one likely name for every prompt (exact fields 0.19 and 0.32-0.70; see the bench's
-doc). Fine-tuning goes through `finetune` as a user runs it: the ChatML tokens are added, LoRA on every
+the applicant and the amounts needs them: from a base pretrained on plain text the same SFT wrote one
+likely answer for every prompt (0.19 exact fields on the earlier applications), and from a 2-layer
+base with repeats it gets the name right in 0.02-0.14 of the answers (see the bench's doc). Fine-tuning goes through `finetune` as a user runs it: the ChatML tokens are added, LoRA on every
 linear layer with the new token rows trainable, and the answers are scored by `loans.score` on the
 first 50 held-out examples.
 """
@@ -84,7 +84,10 @@ def run(base: Path, out: Path, **changes) -> object:
 def sft(pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> object:
     """SFT + LoRA on the shipped set from the pretrained base: the run's result (its folder holds the
     chat-ready start in `base/`); DPO starts from its checkpoint, as the recipe does."""
-    return run(pretrained, tmp_path_factory.mktemp("sft") / "run", max_steps=600, eval_interval=600, lr=5e-3)
+    return run(
+        pretrained, tmp_path_factory.mktemp("sft") / "run", max_steps=600, eval_interval=600, lr=5e-3,
+        batch_size=16, micro_batch_size=16,
+    )  # fmt: skip
 
 
 def test_sft_lora_teaches_the_loan_answers(sft):
