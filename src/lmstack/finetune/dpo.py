@@ -10,11 +10,14 @@ y_w's likelihood relative to a frozen reference π_ref more than y_l's:
 form). Logged: the reward margin r(y_w) − r(y_l), the preference accuracy (the fraction of pairs with
 r(y_w) > r(y_l)) and the chosen replies' mean per-token NLL.
 
+The reference is the starting model (or another folder), loaded frozen and recorded by path and
+weights hash; a resume against other reference weights is refused.
+
 DPO only asks that y_w gain on y_l; it commonly lowers both, y_w less (likelihood displacement, Razin
 et al. 2024), and when the two replies share all but a few tokens the model's own answers can fall
 apart. `sft_weight` w adds w × the chosen replies' mean per-token NLL to the loss (RPO, Pang et al.
-2024; trl's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, w]`), which keeps y_w likely. The reference is the starting model (or another folder), loaded frozen and
-recorded by path and weights hash; a resume against other reference weights is refused.
+2024; trl's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, w]`), which keeps y_w likely; the
+validation loss then includes it too.
 
 Pairs are rendered like SFT conversations (prompt messages + the reply as assistant message), so the
 reply's tokens are the labelled ones; a micro-batch holds the chosen sequences then the rejected ones.
