@@ -100,11 +100,11 @@ def dpo_loss(
     ref_rejected: torch.Tensor,
     beta: float,
     *,
-    chosen_tokens: torch.Tensor | int | None = None,
+    chosen_tokens: torch.Tensor | int,
     sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The mean DPO loss over pairs from sequence log-probs (each (B,)), and its logged values. Given
-    the number of labelled tokens in the chosen replies, their mean NLL is logged and, times
+    """The mean DPO loss over pairs from sequence log-probs (each (B,)), and its logged values. The
+    chosen replies' mean NLL (over their `chosen_tokens` labelled tokens) is logged and, times
     `sft_weight`, added to the loss (see the module doc)."""
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
@@ -116,13 +116,10 @@ def dpo_loss(
         "chosen_reward": chosen_reward.detach().mean(),
         "rejected_reward": rejected_reward.detach().mean(),
     }
-    if chosen_tokens is not None:
-        nll = -policy_chosen.sum() / chosen_tokens
-        metrics["chosen_nll"] = nll.detach()
-        if sft_weight:
-            loss = loss + sft_weight * nll
-    elif sft_weight:
-        raise ValueError("sft_weight needs chosen_tokens, the chosen replies' labelled token count")
+    nll = -policy_chosen.sum() / chosen_tokens
+    metrics["chosen_nll"] = nll.detach()
+    if sft_weight:
+        loss = loss + sft_weight * nll
     return loss, metrics
 
 
